@@ -99,6 +99,54 @@ ffi::Error layout_of(const Data& data, const Packed& packed, const Scales& scale
                      tensor_scale.dimensions(), k, format, out);
 }
 
+// The fused matmul y = x @ W with W [in, out] stored as format v1 of W^T: x [..., nb * 32] (padded with
+// zeros to whole blocks), packed [out, nb, k], scales [out, nb], codebook [2**k], tensor_scale [],
+// y [..., out] in x's dtype.
+struct MatmulLayout {
+  int64_t m = 0;   // rows of x (its leading dims flattened)
+  int64_t n = 0;   // out
+  int64_t nb = 0;  // blocks along in
+  int k = 0;
+  ScaleFormat format = ScaleFormat::kE4M4;
+};
+
+template <typename X, typename Packed, typename Scales, typename Codebook, typename TensorScale, typename Out>
+ffi::Error matmul_layout_of(const X& x, const Packed& packed, const Scales& scales, const Codebook& codebook,
+                            const TensorScale& tensor_scale, const Out& out, int32_t k, int32_t format,
+                            MatmulLayout* L) {
+  if (k < kMinK || k > kMaxK) return invalid("k must be in 2..5, got " + std::to_string(k));
+  if (format < 0 || format > 2) return invalid("unknown scale format " + std::to_string(format));
+  const ffi::DataType xt = x.element_type();
+  if (xt != ffi::DataType::F16 && xt != ffi::DataType::BF16 && xt != ffi::DataType::F32)
+    return invalid("x must be float16, bfloat16 or float32");
+  if (out.element_type() != xt) return invalid("the matmul output must have x's dtype");
+  const ScaleFormat fmt = static_cast<ScaleFormat>(format);
+  if (packed.element_type() != ffi::DataType::U32) return invalid("packed must be uint32");
+  if (scales.element_type() != scale_dtype(fmt))
+    return invalid("scales dtype does not match the scale format");
+  const auto xd = x.dimensions(), pd = packed.dimensions(), sd = scales.dimensions(), od = out.dimensions();
+  const size_t r = xd.size();
+  bool ok = r >= 1 && pd.size() == 3 && pd[2] == k && sd.size() == 2 && sd[0] == pd[0] && sd[1] == pd[1] &&
+            xd[r - 1] == pd[1] * kBlock && od.size() == r && od[r - 1] == pd[0];
+  for (size_t i = 0; ok && i + 1 < r; ++i) ok = od[i] == xd[i];
+  if (!ok) {
+    return invalid("inconsistent matmul buffers: x " + dims_str(xd) + ", packed " + dims_str(pd) +
+                   ", scales " + dims_str(sd) + ", out " + dims_str(od) + " for k=" + std::to_string(k));
+  }
+  if (codebook.dimensions().size() != 1 || codebook.dimensions()[0] != (int64_t{1} << k) ||
+      tensor_scale.dimensions().size() != 0) {
+    return invalid("matmul takes one codebook [" + std::to_string(1 << k) + "] and a scalar tensor_scale");
+  }
+  int64_t m = 1;
+  for (size_t i = 0; i + 1 < r; ++i) m *= xd[i];
+  L->m = m;
+  L->n = pd[0];
+  L->nb = pd[1];
+  L->k = k;
+  L->format = fmt;
+  return ffi::Error::Success();
+}
+
 // Turns the run-time k into a template argument: fn(std::integral_constant<int, K>{}).
 template <typename Fn>
 void with_k(int k, const Fn& fn) {

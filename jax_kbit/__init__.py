@@ -9,12 +9,15 @@ so they compose with ``jit`` and ``vmap``. The format is defined in docs/FORMAT.
 from jax_kbit import autodiff, codebooks, e4m4, reference  # autodiff: registers the JVP rules
 from jax_kbit._ffi import cuda_architectures, cuda_built
 from jax_kbit.api import auto_tensor_scale, dequantize, quantize
+from jax_kbit.matmul import matmul, quantize_matrix
 from jax_kbit.params import Rule, compression_report, dequantize_params, fit_codebook, quantize_params
 from jax_kbit.quantized_array import QuantizedArray
+from jax_kbit.quantized_matrix import QuantizedMatrix
 
 __version__ = "0.1.0"
 __all__ = [
     "QuantizedArray",
+    "QuantizedMatrix",
     "Rule",
     "auto_tensor_scale",
     "autodiff",
@@ -26,7 +29,9 @@ __all__ = [
     "dequantize_params",
     "e4m4",
     "fit_codebook",
+    "matmul",
     "quantize",
+    "quantize_matrix",
     "quantize_params",
     "reference",
 ]

@@ -1,0 +1,110 @@
+// CPU handler for the fused k-bit matmul y = x @ W (W [in, out] stored as format v1 of W^T, see
+// kbit_layout.h). Output rows are spread over the thread pool; for each output row the codebook values of its
+// codes are looked up once into a buffer (a dequantized tile, scales left out), then every row of x takes a
+// float32 dot product with it block by block and the block's decoded scale multiplies each 32-element
+// partial sum, the same association as the CUDA kernel.
+#include <cstring>
+#include <vector>
+
+#include "cpu_common.h"
+#include "cpu_handlers.h"
+#include "kbit_format.h"
+#include "kbit_layout.h"
+
+namespace ffi = xla::ffi;
+
+namespace kbit {
+namespace {
+
+// Eight independent partial sums make the 32-element dot product vectorisable without reassociation flags.
+inline float dot32(const float* a, const float* b) {
+  float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int i = 0; i < kBlock; i += 8) {
+    for (int l = 0; l < 8; ++l) s[l] += a[i + l] * b[i + l];
+  }
+  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+template <typename X, int K>
+void matmul_rows(const MatmulLayout& L, const float* xf, const uint32_t* packed, const void* scales,
+                 const float* cb, float t, typename X::Storage* out, int64_t begin, int64_t end) {
+  std::vector<float> values(static_cast<size_t>(L.nb * kBlock));
+  std::vector<float> block_scales(static_cast<size_t>(L.nb));
+  const int64_t ldx = L.nb * kBlock;
+  for (int64_t n = begin; n < end; ++n) {
+    for (int64_t b = 0; b < L.nb; ++b) {
+      const uint32_t* w = packed + (n * L.nb + b) * K;
+      block_scales[b] = decode_scale(L.format, read_scale(scales, n * L.nb + b, L.format), t);
+      float* v = values.data() + b * kBlock;
+      for (int i = 0; i < kBlock; ++i) {
+        uint32_t code = 0;
+        for (int j = 0; j < K; ++j) code |= ((w[j] >> i) & 1u) << j;
+        v[i] = cb[code];
+      }
+    }
+    for (int64_t m = 0; m < L.m; ++m) {
+      const float* xr = xf + m * ldx;
+      float acc = 0.0f;
+      for (int64_t b = 0; b < L.nb; ++b) {
+        acc += block_scales[b] * dot32(values.data() + b * kBlock, xr + b * kBlock);
+      }
+      out[m * L.n + n] = X::store(acc);
+    }
+  }
+}
+
+constexpr int64_t kRowGrain = 16;
+
+ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::U32> packed,
+                      ffi::AnyBuffer scales, ffi::Buffer<ffi::F32> codebook,
+                      ffi::Buffer<ffi::F32> tensor_scale, ffi::Result<ffi::AnyBuffer> out, int32_t k,
+                      int32_t scale_format) {
+  MatmulLayout L;
+  if (ffi::Error e = matmul_layout_of(x, packed, scales, codebook, tensor_scale, *out, k, scale_format, &L);
+      e.failure()) {
+    return e;
+  }
+  if (L.m == 0 || L.n == 0) return ffi::Error::Success();
+  const uint32_t* p = packed.typed_data();
+  const void* sc = scales.untyped_data();
+  const float* cb = codebook.typed_data();
+  const float t = tensor_scale.typed_data()[0];
+  auto run = [&](auto tag) {
+    using X = decltype(tag);
+    // x converted to float32 once; it is small next to the weight (rows of x times in).
+    const int64_t count = L.m * L.nb * kBlock;
+    std::vector<float> xf(static_cast<size_t>(count));
+    const auto* xs = static_cast<const typename X::Storage*>(x.untyped_data());
+    {
+      IeeeSubnormals ieee;
+      for (int64_t i = 0; i < count; ++i) xf[i] = X::load(xs[i]);
+    }
+    auto* o = static_cast<typename X::Storage*>(out->untyped_data());
+    with_k(L.k, [&](auto kc) {
+      constexpr int K = decltype(kc)::value;
+      parallel_for(pool, L.n, kRowGrain,
+                   [&](int64_t b, int64_t e) { matmul_rows<X, K>(L, xf.data(), p, sc, cb, t, o, b, e); });
+    });
+  };
+  switch (x.element_type()) {
+    case ffi::DataType::F32: run(F32{}); break;
+    case ffi::DataType::F16: run(F16{}); break;
+    default: run(BF16{}); break;
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace kbit
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulCpu, kbit::MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("k")
+                                  .Attr<int32_t>("scale_format"));

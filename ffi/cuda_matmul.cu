@@ -1,0 +1,327 @@
+// CUDA handler for the fused k-bit matmul y = x @ W at small batch (M rows of x, M <= 64).
+//
+// W [in, out] is stored as format v1 of its transpose ([out, in], blocks of 32 along `in`), so each
+// 32-wide slice of the reduction is one block of one output row, with one scale. The products run on the
+// tensor cores (mma.sync m16n8k16): a warp owns 16 output rows and a range of blocks; for each block it
+// rebuilds the 16x16 A fragments straight from the bit planes (a rotate and a mask per plane gives four
+// codes at once, one per byte) and turns codes into 16-bit codebook values with __shfl_sync from the lane
+// that holds each entry. The block's float32 partial sums are multiplied by the two rows' decoded scales
+// once per block, so no dequantized weight is ever written. The reduction is split over warps when `out`
+// alone would not fill the GPU; the float32 partials then go to XLA scratch memory and a second kernel
+// adds them in a fixed order (deterministic, no atomics).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "cuda_common.cuh"
+#include "cuda_handlers.h"
+
+namespace ffi = xla::ffi;
+
+namespace kbit {
+namespace cuda {
+namespace {
+
+constexpr int kMmWarps = 4;
+constexpr int kMmThreads = kMmWarps * 32;
+constexpr int kChunk = 4;  // blocks whose loads are issued together, to keep memory busy
+constexpr int kMaxRows = 64;
+
+template <bool kBf16>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (kBf16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Codes of the 8 elements 8q + 2c + r (q = 0..3) of a block, for r = 0 in e0 and r = 1 in e1: byte q holds
+// the code. Rotating plane j right by 2c + r - j brings bit 8q + 2c + r to bit 8q + j for every q at once.
+template <int K>
+__device__ __forceinline__ void spread_codes(const uint32_t (&w)[K], int c, uint32_t& e0, uint32_t& e1) {
+  e0 = 0;
+  e1 = 0;
+#pragma unroll
+  for (int j = 0; j < K; ++j) {
+    e0 |= __funnelshift_r(w[j], w[j], 2 * c - j) & (0x01010101u << j);
+    e1 |= __funnelshift_r(w[j], w[j], 2 * c + 1 - j) & (0x01010101u << j);
+  }
+}
+
+// The 16-bit codebook value of the code in byte q of e (shfl uses only the low 5 bits of the lane index).
+__device__ __forceinline__ uint32_t lookup(uint32_t entry, uint32_t e, int q) {
+  return __shfl_sync(kFull, entry, static_cast<int>(e >> (8 * q)));
+}
+
+__device__ __forceinline__ uint32_t pack(uint32_t lo, uint32_t hi) { return __byte_perm(lo, hi, 0x5410); }
+
+template <bool kBf16>
+__device__ __forceinline__ uint16_t to_16(float v) {
+  if constexpr (kBf16) {
+    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+  } else {
+    return __half_as_ushort(__float2half_rn(v));
+  }
+}
+
+template <int K>
+__device__ __forceinline__ void load_words(const uint32_t* __restrict__ p, uint32_t (&w)[K]) {
+  if constexpr (K == 4) {
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+  } else if constexpr (K == 2) {
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
+    w[0] = v.x, w[1] = v.y;
+  } else {
+#pragma unroll
+    for (int j = 0; j < K; ++j) w[j] = p[j];
+  }
+}
+
+// One warp: output rows [16 * tile, 16 * tile + 16), blocks [split * per_split, ...). MT tiles of 8 x rows.
+template <bool kBf16, int K, int MT>
+__global__ void __launch_bounds__(kMmThreads)
+    matmul_kernel(ScaleFormat fmt, const uint32_t* __restrict__ packed, const void* __restrict__ scales,
+                  const float* __restrict__ codebook, const float* __restrict__ tensor_scale,
+                  const uint16_t* __restrict__ x, int64_t m_rows, int64_t n_out, int64_t nb, int64_t tiles,
+                  int64_t splits, int64_t per_split, float* __restrict__ partial,
+                  uint16_t* __restrict__ out) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kMmWarps + (threadIdx.x >> 5);
+  if (warp >= tiles * splits) return;  // the whole warp leaves together
+  const int64_t tile = warp % tiles;
+  const int64_t split = warp / tiles;
+  const int g = lane >> 2;
+  const int c = lane & 3;
+  const int64_t r0 = tile * 16 + g;
+  const int64_t r1 = r0 + 8;
+  const bool v0 = r0 < n_out;
+  const bool v1 = r1 < n_out;
+  const uint32_t entry = lane < (1 << K) ? to_16<kBf16>(codebook[lane]) : 0u;
+  const float t = tensor_scale[0];
+  const int64_t begin = split * per_split;
+  const int64_t end = begin + per_split < nb ? begin + per_split : nb;
+  const int64_t ldx = nb * kBlock;  // x is padded with zeros to whole blocks
+  const uint32_t* x32 = reinterpret_cast<const uint32_t*>(x);
+
+  float acc[MT][4];
+#pragma unroll
+  for (int i = 0; i < MT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+
+  for (int64_t b0 = begin; b0 < end; b0 += kChunk) {
+    uint32_t w0[kChunk][K], w1[kChunk][K];
+    uint32_t st0[kChunk], st1[kChunk];
+#pragma unroll
+    for (int u = 0; u < kChunk; ++u) {
+      const int64_t b = b0 + u;
+      const bool in = b < end;
+      if (in && v0) {
+        load_words<K>(packed + (r0 * nb + b) * K, w0[u]);
+        st0[u] = read_scale(fmt, scales, r0 * nb + b);
+      } else {
+#pragma unroll
+        for (int j = 0; j < K; ++j) w0[u][j] = 0;
+        st0[u] = 0;
+      }
+      if (in && v1) {
+        load_words<K>(packed + (r1 * nb + b) * K, w1[u]);
+        st1[u] = read_scale(fmt, scales, r1 * nb + b);
+      } else {
+#pragma unroll
+        for (int j = 0; j < K; ++j) w1[u][j] = 0;
+        st1[u] = 0;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kChunk; ++u) {
+      const int64_t b = b0 + u;
+      if (b >= end) break;  // uniform across the warp
+      // Rows past n_out get scale 0: their products are finite (zero codes times x) and never stored.
+      const float s0 = v0 ? decode_scale(fmt, st0[u], t) : 0.0f;
+      const float s1 = v1 ? decode_scale(fmt, st1[u], t) : 0.0f;
+      uint32_t e00, e01, e10, e11;
+      spread_codes<K>(w0[u], c, e00, e01);
+      spread_codes<K>(w1[u], c, e10, e11);
+      float part[MT][4];
+#pragma unroll
+      for (int i = 0; i < MT; ++i) part[i][0] = part[i][1] = part[i][2] = part[i][3] = 0.0f;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t a[4] = {
+            pack(lookup(entry, e00, 2 * h), lookup(entry, e01, 2 * h)),          // row g, k 2c, 2c+1
+            pack(lookup(entry, e10, 2 * h), lookup(entry, e11, 2 * h)),          // row g+8
+            pack(lookup(entry, e00, 2 * h + 1), lookup(entry, e01, 2 * h + 1)),  // row g, k 2c+8, 2c+9
+            pack(lookup(entry, e10, 2 * h + 1), lookup(entry, e11, 2 * h + 1)),  // row g+8
+        };
+        const int64_t kk = b * kBlock + 16 * h + 2 * c;  // even: a pair of 16-bit x values is one word
+#pragma unroll
+        for (int i = 0; i < MT; ++i) {
+          const int64_t m = 8 * i + g;
+          uint32_t xb0 = 0, xb1 = 0;
+          if (m < m_rows) {
+            xb0 = x32[(m * ldx + kk) >> 1];
+            xb1 = x32[(m * ldx + kk + 8) >> 1];
+          }
+          mma_16816<kBf16>(part[i], a, xb0, xb1);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        acc[i][0] += s0 * part[i][0];
+        acc[i][1] += s0 * part[i][1];
+        acc[i][2] += s1 * part[i][2];
+        acc[i][3] += s1 * part[i][3];
+      }
+    }
+  }
+
+  // acc[i]: (row r0, x rows 8i + 2c, 8i + 2c + 1) and (row r1, the same x rows).
+#pragma unroll
+  for (int i = 0; i < MT; ++i) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t m = 8 * i + 2 * c + (e & 1);
+      const int64_t r = e < 2 ? r0 : r1;
+      if (m >= m_rows || r >= n_out) continue;
+      if (splits == 1) {
+        out[m * n_out + r] = to_16<kBf16>(acc[i][e]);
+      } else {
+        partial[(split * m_rows + m) * n_out + r] = acc[i][e];
+      }
+    }
+  }
+}
+
+template <bool kBf16>
+__global__ void __launch_bounds__(kThreads)
+    sum_splits_kernel(const float* __restrict__ partial, int64_t splits, int64_t count,
+                      uint16_t* __restrict__ out) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < count;
+       i += static_cast<int64_t>(gridDim.x) * kThreads) {
+    float s = partial[i];
+    for (int64_t p = 1; p < splits; ++p) s += partial[p * count + i];
+    out[i] = to_16<kBf16>(s);
+  }
+}
+
+struct Plan {
+  int64_t tiles, splits, per_split;
+};
+
+// Enough warps to fill every SM a few times over, with at least two chunks of blocks per warp.
+inline Plan plan(int64_t n_out, int64_t nb) {
+  const int64_t sms = sm_count() > 0 ? sm_count() : 132;
+  Plan p;
+  p.tiles = (n_out + 15) / 16;
+  const int64_t want = sms * 32;
+  const int64_t max_splits = std::max<int64_t>(1, nb / (2 * kChunk));
+  p.splits = std::min<int64_t>(max_splits, std::max<int64_t>(1, (want + p.tiles - 1) / p.tiles));
+  p.per_split = (nb + p.splits - 1) / p.splits;
+  p.splits = (nb + p.per_split - 1) / p.per_split;  // no empty splits
+  return p;
+}
+
+template <bool kBf16, int K, int MT>
+void launch_matmul(cudaStream_t stream, ScaleFormat fmt, const uint32_t* packed, const void* scales,
+                   const float* cb, const float* ts, const uint16_t* x, int64_t m, int64_t n, int64_t nb,
+                   const Plan& p, float* partial, uint16_t* out) {
+  const int64_t warps = p.tiles * p.splits;
+  const unsigned ctas = static_cast<unsigned>((warps + kMmWarps - 1) / kMmWarps);
+  matmul_kernel<kBf16, K, MT><<<ctas, kMmThreads, 0, stream>>>(fmt, packed, scales, cb, ts, x, m, n, nb,
+                                                               p.tiles, p.splits, p.per_split, partial, out);
+  if (p.splits > 1) {
+    const int64_t count = m * n;
+    const unsigned grid = static_cast<unsigned>(std::min<int64_t>((count + kThreads - 1) / kThreads, 65535));
+    sum_splits_kernel<kBf16><<<grid, kThreads, 0, stream>>>(partial, p.splits, count, out);
+  }
+}
+
+ffi::Error MatmulImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer x,
+                      ffi::Buffer<ffi::U32> packed, ffi::AnyBuffer scales, ffi::Buffer<ffi::F32> codebook,
+                      ffi::Buffer<ffi::F32> tensor_scale, ffi::Result<ffi::AnyBuffer> out, int32_t k,
+                      int32_t scale_format) {
+  MatmulLayout L;
+  if (ffi::Error e = matmul_layout_of(x, packed, scales, codebook, tensor_scale, *out, k, scale_format, &L);
+      e.failure()) {
+    return e;
+  }
+  if (x.element_type() == ffi::DataType::F32) {
+    return invalid("the CUDA matmul takes float16 or bfloat16 x (float32 x is lowered to dequantize + dot)");
+  }
+  if (L.m > kMaxRows) {
+    return invalid("the CUDA matmul takes at most " + std::to_string(kMaxRows) + " rows of x, got " +
+                   std::to_string(L.m));
+  }
+  if (L.m == 0 || L.n == 0) return ffi::Error::Success();
+  auto* o = static_cast<uint16_t*>(out->untyped_data());
+  if (L.nb == 0) {  // an empty reduction: y = 0
+    if (cudaMemsetAsync(o, 0, L.m * L.n * sizeof(uint16_t), stream) != cudaSuccess) {
+      return launch_error("matmul memset");
+    }
+    return ffi::Error::Success();
+  }
+  const Plan p = plan(L.n, L.nb);
+  float* partial = nullptr;
+  if (p.splits > 1) {
+    const auto mem = scratch.Allocate(static_cast<size_t>(p.splits * L.m * L.n) * sizeof(float));
+    if (!mem.has_value()) {
+      return ffi::Error(ffi::ErrorCode::kResourceExhausted, "jax_kbit: matmul scratch allocation failed");
+    }
+    partial = static_cast<float*>(mem.value());
+  }
+  const auto* xs = static_cast<const uint16_t*>(x.untyped_data());
+  const bool bf16 = x.element_type() == ffi::DataType::BF16;
+  const uint32_t* pk = packed.typed_data();
+  const void* sc = scales.untyped_data();
+  const float* cb = codebook.typed_data();
+  const float* ts = tensor_scale.typed_data();
+  with_k(L.k, [&](auto kc) {
+    constexpr int K = decltype(kc)::value;
+    auto go = [&](auto bf, auto mt) {
+      launch_matmul<decltype(bf)::value, K, decltype(mt)::value>(stream, L.format, pk, sc, cb, ts, xs, L.m,
+                                                                 L.n, L.nb, p, partial, o);
+    };
+    auto by_rows = [&](auto bf) {
+      if (L.m <= 8) {
+        go(bf, std::integral_constant<int, 1>{});
+      } else if (L.m <= 16) {
+        go(bf, std::integral_constant<int, 2>{});
+      } else if (L.m <= 32) {
+        go(bf, std::integral_constant<int, 4>{});
+      } else {
+        go(bf, std::integral_constant<int, 8>{});
+      }
+    };
+    if (bf16) {
+      by_rows(std::true_type{});
+    } else {
+      by_rows(std::false_type{});
+    }
+  });
+  return launch_error("matmul");
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace kbit
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulCuda, kbit::cuda::MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::ScratchAllocator>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("k")
+                                  .Attr<int32_t>("scale_format"));

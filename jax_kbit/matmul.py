@@ -1,0 +1,271 @@
+"""``matmul``: ``x @ W`` with ``W`` read straight from its k-bit codes, and ``quantize_matrix`` to store ``W``.
+
+The primitive ``kbit_matmul`` takes ``x`` padded with zeros to whole blocks along its last axis and the four
+leaves of the ``QuantizedArray`` of ``W^T``. How it runs (docs/MATMUL.md):
+
+- at most ``FUSED_MAX_ROWS`` rows of ``x`` (its leading dims flattened), float16 / bfloat16 ``x`` on a GPU:
+  the fused CUDA kernel (tensor cores, no dequantized weight in memory);
+- the same row counts on the CPU, any float ``x``: the C++ handler (a dequantized row tile, then dot
+  products);
+- everything else (more rows, float32 ``x`` on a GPU, a call XLA partitions over several devices):
+  ``dequantize`` followed by ``dot_general`` with float32 accumulation, which is the faster way there.
+
+Differentiation: the primitive is linear in ``x``; its transpose (``g @ W^T``, the backward pass for the
+inputs) is computed as ``dequantize`` + ``dot_general``. Tangents of the codebook, the tensor scale and
+float16 / float32 block scales go through ``dequantize``'s JVP rule (module ``autodiff``).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import jax
+import jax.extend as jex
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax._src import dispatch
+from jax.interpreters import ad, batching, mlir
+
+from jax_kbit import _ffi, sharding
+from jax_kbit.api import _check_float_dtype, _check_k, _check_scale_format, quantize
+from jax_kbit.primitives import SCALE_FORMAT_IDS, dequantize_p, num_blocks
+from jax_kbit.quantized_array import QuantizedArray
+from jax_kbit.quantized_matrix import QuantizedMatrix
+from jax_kbit.reference import BLOCK, SCALE_DTYPES
+
+__all__ = ["FUSED_MAX_ROWS", "matmul", "matmul_p", "quantize_matrix"]
+
+FUSED_MAX_ROWS = 64
+"""Rows of ``x`` up to which the fused kernels run; above it ``dequantize`` + ``dot_general`` is used."""
+
+matmul_p = jex.core.Primitive("kbit_matmul")
+matmul_p.def_impl(partial(dispatch.apply_primitive, matmul_p))
+
+
+def _abstract(x, packed, scales, codebook, tensor_scale, *, k: int, scale_format: str, d: int):
+    nb = num_blocks(d)
+    if (
+        x.ndim < 1
+        or x.shape[-1] != nb * BLOCK
+        or packed.ndim != 3
+        or packed.dtype != np.uint32
+        or packed.shape[1:] != (nb, k)
+        or scales.shape != packed.shape[:2]
+        or scales.dtype != SCALE_DTYPES[scale_format]
+        or codebook.shape != (2**k,)
+        or codebook.dtype != np.float32
+        or tensor_scale.shape != ()
+        or tensor_scale.dtype != np.float32
+    ):
+        raise ValueError(
+            f"kbit_matmul operands do not match k={k}, d={d}, scale_format={scale_format!r}: x "
+            f"{x.dtype}{list(x.shape)}, packed {packed.dtype}{list(packed.shape)}, scales "
+            f"{scales.dtype}{list(scales.shape)}, codebook {codebook.dtype}{list(codebook.shape)}, "
+            f"tensor_scale {tensor_scale.dtype}{list(tensor_scale.shape)}"
+        )
+    return jax.core.ShapedArray(x.shape[:-1] + (packed.shape[0],), x.dtype)
+
+
+matmul_p.def_abstract_eval(_abstract)
+
+
+def _dequantized_dot(x, packed, scales, codebook, tensor_scale, *, k: int, scale_format: str, d: int):
+    """The unfused path: ``x[..., :d] @ dequantize(W^T).T`` with float32 accumulation."""
+    dtype = x.dtype
+    wt = dequantize_p.bind(
+        packed, scales, codebook, tensor_scale, k=k, scale_format=scale_format, d=d, dtype=dtype
+    )
+    y = lax.dot_general(
+        x[..., :d],
+        wt,
+        (((x.ndim - 1,), (1,)), ((), ())),
+        precision=lax.Precision.HIGHEST,
+        preferred_element_type=jnp.float32,
+    )
+    return y.astype(dtype)
+
+
+def _rows(aval) -> int:
+    return int(np.prod(aval.shape[:-1], dtype=np.int64))
+
+
+def _lowering(platform: str):
+    kernel = jax.ffi.ffi_lowering("kbit_matmul")
+    fallback = mlir.lower_fun(_dequantized_dot, multiple_results=False)
+
+    def lower(ctx, *args, k: int, scale_format: str, d: int):
+        x = ctx.avals_in[0]
+        fused = _rows(x) <= FUSED_MAX_ROWS and not sharding.wants_partitioning(ctx)
+        if platform == "cuda":
+            fused = fused and np.dtype(x.dtype) in (np.dtype(jnp.float16), np.dtype(jnp.bfloat16))
+            if fused and not _ffi.cuda_built() and not sharding.lowering_for_export(ctx):
+                raise RuntimeError(
+                    "jax_kbit was built without its CUDA handlers (nvcc was not found at install time, or "
+                    f"KBIT_CUDA=OFF): {_ffi.CUDA_IMPORT_ERROR}. Reinstall on a machine with nvcc, or run on CPU."
+                )
+        if not fused:
+            return fallback(ctx, *args, k=k, scale_format=scale_format, d=d)
+        return kernel(ctx, *args, k=np.int32(k), scale_format=np.int32(SCALE_FORMAT_IDS[scale_format]))
+
+    return lower
+
+
+mlir.register_lowering(matmul_p, _lowering("cpu"), platform="cpu")
+mlir.register_lowering(matmul_p, _lowering("cuda"), platform="cuda")
+sharding.register(matmul_p)
+
+
+def _batch(args, dims, **params):
+    x, *weight = args
+    if all(dim is None for dim in dims[1:]):
+        # One weight for the whole batch: the batch axis is just another row dim of x.
+        return matmul_p.bind(jnp.moveaxis(x, dims[0], 0), *weight, **params), 0
+    # A batch of weights (vmap over stacked layers): one dequantize per weight, then a batched dot.
+    return jax.vmap(partial(_dequantized_dot, **params), in_axes=tuple(dims))(*args), 0
+
+
+batching.primitive_batchers[matmul_p] = _batch
+
+
+def _is_zero(t) -> bool:
+    return type(t) is ad.Zero
+
+
+def _jvp(primals, tangents, *, k: int, scale_format: str, d: int):
+    from jax_kbit.autodiff import _dequantize_jvp  # autodiff imports primitives; avoid a cycle at import
+
+    x, packed, scales, codebook, tensor_scale = primals
+    dx, d_packed, d_scales, d_codebook, d_tensor_scale = tangents
+    params = dict(k=k, scale_format=scale_format, d=d)
+    y = matmul_p.bind(*primals, **params)
+    terms = []
+    if not _is_zero(dx):
+        terms.append(matmul_p.bind(dx, packed, scales, codebook, tensor_scale, **params))
+    if not (_is_zero(d_scales) and _is_zero(d_codebook) and _is_zero(d_tensor_scale)):
+        _, d_wt = _dequantize_jvp(
+            (packed, scales, codebook, tensor_scale),
+            (d_packed, d_scales, d_codebook, d_tensor_scale),
+            k=k,
+            scale_format=scale_format,
+            d=d,
+            dtype=np.dtype(np.float32),
+        )
+        part = lax.dot_general(
+            x[..., :d].astype(jnp.float32),
+            d_wt,
+            (((x.ndim - 1,), (1,)), ((), ())),
+            precision=lax.Precision.HIGHEST,
+        )
+        terms.append(part.astype(x.dtype))
+    if not terms:
+        return y, ad.Zero.from_primal_value(y)
+    return y, terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+
+def _transpose(ct, x, packed, scales, codebook, tensor_scale, *, k: int, scale_format: str, d: int):
+    if not ad.is_undefined_primal(x) or any(
+        ad.is_undefined_primal(a) for a in (packed, scales, codebook, tensor_scale)
+    ):
+        raise NotImplementedError("kbit_matmul is linear in x only")
+    if _is_zero(ct):
+        return [ad.Zero(x.aval), None, None, None, None]
+    dtype = x.aval.dtype
+    wt = dequantize_p.bind(
+        packed, scales, codebook, tensor_scale, k=k, scale_format=scale_format, d=d, dtype=dtype
+    )
+    g = lax.dot_general(
+        ct.astype(dtype),
+        wt,
+        (((ct.ndim - 1,), (0,)), ((), ())),
+        precision=lax.Precision.HIGHEST,
+        preferred_element_type=jnp.float32,
+    ).astype(dtype)
+    pad = x.aval.shape[-1] - d
+    if pad:
+        g = jnp.pad(g, [(0, 0)] * (g.ndim - 1) + [(0, pad)])
+    return [g, None, None, None, None]
+
+
+ad.primitive_jvps[matmul_p] = _jvp
+ad.primitive_transposes[matmul_p] = _transpose
+
+
+# ---------------------------------------------------------------- public API
+
+
+def quantize_matrix(
+    w: Any,
+    k: int = 4,
+    *,
+    codebook: Any = None,
+    scale_format: str = "e4m4",
+    tensor_scale: Any = "auto",
+) -> QuantizedMatrix:
+    """Quantize a weight ``w`` ``[..., in, out]`` for ``jax_kbit.matmul`` (format v1 of ``w``'s transpose).
+
+    Arguments as in ``jax_kbit.quantize``; blocks of 32 run along ``in``, the reduction axis of ``x @ w``.
+    """
+    if not hasattr(w, "dtype") or not hasattr(w, "shape"):
+        raise TypeError(f"w must be a jax or NumPy array, got {type(w).__name__}")
+    if len(w.shape) < 2:
+        raise ValueError(f"w must have rank >= 2 ([..., in, out]), got shape {tuple(w.shape)}")
+    _check_float_dtype(w.dtype, "w")
+    wt = jnp.swapaxes(jnp.asarray(w), -1, -2)
+    return QuantizedMatrix(
+        quantize(wt, k, codebook=codebook, scale_format=scale_format, tensor_scale=tensor_scale)
+    )
+
+
+def matmul(x: Any, w: QuantizedMatrix) -> jax.Array:
+    """``x @ W`` for a k-bit weight ``W`` ``[in, out]``, read from its codes without materialising it.
+
+    Args:
+      x: float16, bfloat16 or float32 array ``[..., in]``.
+      w: a ``QuantizedMatrix`` of logical shape ``[in, out]`` (from ``quantize_matrix``).
+
+    Returns:
+      ``[..., out]`` in ``x``'s dtype, accumulated in float32. On a GPU with float16 / bfloat16 ``x`` and at
+      most ``FUSED_MAX_ROWS`` rows the codebook values enter the tensor cores in ``x``'s dtype (the block
+      scales are applied in float32), so the result is as close to ``x @ dequantize(W)`` as a 16-bit
+      matrix product is (docs/MATMUL.md).
+    """
+    if isinstance(w, QuantizedArray):
+        raise TypeError(
+            "w must be a QuantizedMatrix (jax_kbit.quantize_matrix(w)): a QuantizedArray of W has its blocks "
+            "along `out`, and reading it here would need a transpose per call. Quantize the weight with "
+            "quantize_matrix, or use x @ jax_kbit.dequantize(q)."
+        )
+    if not isinstance(w, QuantizedMatrix):
+        raise TypeError(f"w must be a QuantizedMatrix, got {type(w).__name__}")
+    if not hasattr(x, "dtype") or not hasattr(x, "shape"):
+        raise TypeError(f"x must be a jax or NumPy array, got {type(x).__name__}")
+    _check_float_dtype(x.dtype, "x")
+    t = w.t
+    k = _check_k(t.k)
+    scale_format = _check_scale_format(t.scale_format)
+    if t.packed.ndim != 3 or t.codebook.ndim != 1:
+        raise ValueError(
+            f"w must be one [in, out] matrix, got logical shape {w.shape} (index a stacked weight, or "
+            "lax.scan / jax.vmap over it)"
+        )
+    d = t.d
+    if len(x.shape) < 1 or x.shape[-1] != d:
+        raise ValueError(
+            f"x must have shape [..., {d}] to multiply w of shape {w.shape}, got {tuple(x.shape)}"
+        )
+    x = jnp.asarray(x)
+    pad = num_blocks(d) * BLOCK - d
+    if pad:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+    return matmul_p.bind(
+        x,
+        jnp.asarray(t.packed),
+        jnp.asarray(t.scales),
+        jnp.asarray(t.codebook),
+        jnp.asarray(t.tensor_scale),
+        k=k,
+        scale_format=scale_format,
+        d=d,
+    )

@@ -1,0 +1,274 @@
+"""``jax_kbit.matmul`` against ``x @ W`` in float64, with ``W`` dequantized by the NumPy reference.
+
+The CPU tests run everywhere; the ``gpu`` ones run the fused CUDA kernel (skipped without a GPU). Accuracy is
+measured as ||y - ref|| / ||ref|| (docs/MATMUL.md says what to expect per dtype).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import BF16, KS, SCALE_FORMATS, dtype_id
+
+import jax_kbit as jk
+from jax_kbit import reference
+from jax_kbit.matmul import FUSED_MAX_ROWS
+
+CPU = jax.devices("cpu")[0]
+
+
+def _gpu():
+    try:
+        return jax.devices("gpu")[0]
+    except RuntimeError:
+        return None
+
+
+GPU = _gpu()
+needs_gpu = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(GPU is None or not jk.cuda_built(), reason="needs a CUDA GPU and the CUDA build"),
+]
+
+# Relative error bounds: float32 sums; 16-bit outputs are rounded once more (and on the GPU the codebook
+# values enter the tensor cores in x's dtype).
+TOL = {np.dtype(np.float32): 2e-6, np.dtype(np.float16): 2e-3, BF16: 1e-2}
+ROWS = (1, 2, 7, 16, 17, 64, 300)
+
+
+def weight_ref(q: jk.QuantizedMatrix) -> np.ndarray:
+    """W [in, out] in float64, dequantized by the NumPy reference."""
+    t = jax.device_get(q.t)
+    wt = reference.dequantize_ref(
+        np.asarray(t.packed),
+        np.asarray(t.scales),
+        np.asarray(t.codebook),
+        np.float32(t.tensor_scale),
+        t.k,
+        t.d,
+        np.float32,
+        t.scale_format,
+    )
+    return wt.astype(np.float64).T
+
+
+def rel_err(y, ref) -> float:
+    y = np.asarray(y).astype(np.float64)
+    assert y.shape == ref.shape
+    assert np.isfinite(y).all(), "unexpected NaN/inf"
+    return float(np.linalg.norm(y - ref) / max(np.linalg.norm(ref), 1e-300))
+
+
+def make(rng, m, din, dout, k, dtype, scale_format="e4m4", lead=()):
+    w = rng.standard_normal((din, dout)).astype(np.float32) * np.float32(0.05)
+    x = rng.standard_normal(lead + (m, din)).astype(dtype)
+    q = jk.quantize_matrix(jnp.asarray(w), k, scale_format=scale_format)
+    return x, q
+
+
+def check(x, q, device, msg=""):
+    y = jax.jit(jk.matmul)(jax.device_put(x, device), jax.device_put(q, device))
+    assert y.dtype == x.dtype and y.shape == x.shape[:-1] + (q.shape[1],), (y.dtype, y.shape)
+    ref = np.asarray(x, np.float64) @ weight_ref(q)
+    err = rel_err(y, ref)
+    assert err < TOL[np.dtype(x.dtype)], f"relative error {err:.2e} {msg}"
+    return np.asarray(y)
+
+
+# ---------------------------------------------------------------- CPU (and the unfused path)
+
+
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, BF16], ids=dtype_id)
+@pytest.mark.parametrize("k", KS)
+def test_cpu_matches_reference(rng, k, dtype, m):
+    for din, dout in ((96, 40), (100, 33), (31, 1)):
+        x, q = make(rng, m, din, dout, k, dtype)
+        check(x, q, CPU, f"k={k} m={m} in={din} out={dout} {rng}")
+
+
+@pytest.mark.parametrize("scale_format", SCALE_FORMATS)
+def test_cpu_scale_formats_and_leading_dims(rng, scale_format):
+    x, q = make(rng, 3, 130, 70, 3, np.float32, scale_format, lead=(2,))
+    check(x, q, CPU, f"{scale_format} {rng}")
+    x, q = make(rng, 30, 64, 20, 5, BF16, scale_format, lead=(4,))  # 120 rows: the unfused path
+    check(x, q, CPU, f"{scale_format} {rng}")
+
+
+def test_non_finite_blocks_and_inputs(rng):
+    din, dout = 64, 8
+    w = rng.standard_normal((din, dout)).astype(np.float32)
+    w[3, 2] = np.nan  # block 0 of output column 2
+    w[40, 5] = np.inf  # block 1 of output column 5
+    q = jk.quantize_matrix(jnp.asarray(w), 4)
+    x = rng.standard_normal((5, din)).astype(np.float32)
+    x[1, 7] = np.nan
+    for device in [CPU] + ([GPU] if GPU is not None and jk.cuda_built() else []):
+        for dtype in (np.float32, np.float16, BF16):
+            y = np.asarray(jax.jit(jk.matmul)(jax.device_put(x.astype(dtype), device), q)).astype(np.float32)
+            nan = np.isnan(y)
+            expect = np.zeros_like(nan)
+            expect[:, [2, 5]] = True  # non-finite blocks dequantize to NaN
+            expect[1, :] = True  # NaN in x
+            np.testing.assert_array_equal(nan, expect, err_msg=f"{device} {dtype}")
+
+
+def test_zero_and_empty(rng):
+    q = jk.quantize_matrix(jnp.zeros((64, 16), jnp.float32), 4)
+    y = jk.matmul(jnp.asarray(rng.standard_normal((3, 64)), jnp.float32), q)
+    np.testing.assert_array_equal(np.asarray(y), 0)
+    q = jk.quantize_matrix(jnp.zeros((0, 5), jnp.float32), 2)
+    np.testing.assert_array_equal(
+        np.asarray(jk.matmul(jnp.ones((2, 0), jnp.bfloat16), q)).astype(np.float32), 0
+    )
+    q = jk.quantize_matrix(jnp.ones((33, 4), jnp.float32), 2)
+    assert jk.matmul(jnp.ones((0, 33), jnp.float16), q).shape == (0, 4)
+    assert jk.matmul(jnp.ones((2, 33), jnp.float16), jk.quantize_matrix(jnp.ones((33, 0)), 2)).shape == (2, 0)
+
+
+def test_rows_select_the_fused_kernel():
+    q = jk.quantize_matrix(jnp.ones((64, 32), jnp.float32), 4)
+    for m, fused in ((1, True), (FUSED_MAX_ROWS, True), (FUSED_MAX_ROWS + 1, False)):
+        text = jax.jit(jk.matmul).lower(jnp.ones((m, 64), jnp.bfloat16), q).as_text()
+        assert ("kbit_matmul" in text) == fused, m
+        assert ("kbit_dequantize" in text) == (not fused), m
+
+
+def test_transforms(rng):
+    x, q = make(rng, 3, 96, 40, 4, np.float32, lead=(5,))
+    wref = weight_ref(q)
+    y = jax.vmap(jk.matmul, in_axes=(0, None))(jnp.asarray(x), q)
+    assert rel_err(y, np.asarray(x, np.float64) @ wref) < TOL[np.dtype(np.float32)]
+    y = jax.vmap(jk.matmul, in_axes=(2, None), out_axes=1)(jnp.asarray(np.moveaxis(x, 1, 2)), q)
+    assert rel_err(y, np.asarray(x, np.float64) @ wref) < 1e-5
+    # A stack of weights under vmap and scan (layers).
+    ws = jnp.asarray(rng.standard_normal((4, 96, 96)).astype(np.float32) * 0.1)
+    qs = jax.vmap(lambda w: jk.quantize_matrix(w, 3))(ws)
+    assert qs.shape == (4, 96, 96)
+    dense = np.stack([weight_ref(jax.tree.map(lambda a, i=i: a[i], qs)) for i in range(4)])
+    xs = jnp.asarray(rng.standard_normal((4, 2, 96)).astype(np.float32))
+    y = jax.vmap(jk.matmul)(xs, qs)
+    assert rel_err(y, np.einsum("bmi,bio->bmo", np.asarray(xs, np.float64), dense)) < 1e-5
+
+    def layer(h, w):
+        return jk.matmul(h, w), None
+
+    h, _ = jax.lax.scan(layer, xs[0], qs)
+    expect = np.asarray(xs[0], np.float64)
+    for i in range(4):
+        expect = expect @ dense[i]
+    assert rel_err(h, expect) < 1e-4
+
+
+@pytest.mark.parametrize("m", (1, 7, 100))
+def test_grad_wrt_inputs_and_codebook(rng, m):
+    x, q = make(rng, m, 100, 33, 3, np.float32)
+    x = jnp.asarray(x)
+    wref = weight_ref(q)
+    g = jax.grad(lambda x: jnp.sum(jnp.sin(jk.matmul(x, q))))(x)
+    y = np.asarray(x, np.float64) @ wref
+    expect = np.cos(y) @ wref.T
+    assert rel_err(g, expect) < 1e-5
+
+    def with_codebook(cb, ts):
+        t = q.t
+        qq = jk.QuantizedMatrix(
+            jk.QuantizedArray(
+                t.packed, t.scales, cb, ts, k=t.k, d=t.d, dtype=t.dtype, scale_format=t.scale_format
+            )
+        )
+        return jnp.sum(jnp.sin(jk.matmul(x, qq)))
+
+    def dense(cb, ts):
+        t = q.t
+        qq = jk.QuantizedArray(
+            t.packed, t.scales, cb, ts, k=t.k, d=t.d, dtype=t.dtype, scale_format=t.scale_format
+        )
+        return jnp.sum(jnp.sin(jnp.matmul(x, jk.dequantize(qq).T, precision="highest")))
+
+    got = jax.grad(with_codebook, argnums=(0, 1))(q.t.codebook, q.t.tensor_scale)
+    want = jax.grad(dense, argnums=(0, 1))(q.t.codebook, q.t.tensor_scale)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+
+
+def test_bad_input(rng):
+    w = jnp.asarray(rng.standard_normal((64, 16)).astype(np.float32))
+    q = jk.quantize_matrix(w, 4)
+    x = jnp.ones((2, 64), jnp.float32)
+    with pytest.raises(TypeError, match="QuantizedMatrix"):
+        jk.matmul(x, jk.quantize(w, 4))
+    with pytest.raises(TypeError, match="w must be a QuantizedMatrix"):
+        jk.matmul(x, w)
+    with pytest.raises(TypeError, match="x must be"):
+        jk.matmul(jnp.ones((2, 64), jnp.int32), q)
+    with pytest.raises(TypeError, match="x must be"):
+        jk.matmul([[1.0] * 64], q)
+    with pytest.raises(ValueError, match=r"x must have shape \[\.\.\., 64\]"):
+        jk.matmul(jnp.ones((2, 63), jnp.float32), q)
+    with pytest.raises(ValueError, match="x must have shape"):
+        jk.matmul(jnp.float32(1.0), q)
+    stacked = jax.vmap(lambda w: jk.quantize_matrix(w, 4))(jnp.stack([w, w]))
+    with pytest.raises(ValueError, match="one \\[in, out\\] matrix"):
+        jk.matmul(x, stacked)
+    with pytest.raises(ValueError, match="rank >= 2"):
+        jk.quantize_matrix(jnp.ones(64), 4)
+    with pytest.raises(TypeError, match="w must be float16"):
+        jk.quantize_matrix(jnp.ones((64, 2), jnp.int32), 4)
+    with pytest.raises(ValueError, match="k must be in 2..5"):
+        jk.quantize_matrix(w, 6)
+
+
+def test_quantized_matrix_is_format_v1_of_the_transpose(rng):
+    w = rng.standard_normal((70, 45)).astype(np.float32)
+    q = jk.quantize_matrix(jnp.asarray(w), 5, scale_format="f16")
+    direct = jk.quantize(jnp.asarray(w.T), 5, scale_format="f16")
+    for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(direct)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert q.shape == (70, 45) and q.t.shape == (45, 70) and q.dtype == np.float32 and q.k == 5
+    np.testing.assert_array_equal(np.asarray(q.dequantize()), np.asarray(jk.dequantize(direct)).T)
+    assert abs(q.bits_per_element - direct.bits_per_element) < 1e-12 and q.nbytes == direct.nbytes
+    assert "QuantizedMatrix(shape=(70, 45)" in repr(q)
+
+
+# ---------------------------------------------------------------- GPU: the fused kernel
+
+
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("dtype", [np.float16, BF16, np.float32], ids=dtype_id)
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU is None or not jk.cuda_built(), reason="needs a CUDA GPU and the CUDA build")
+def test_gpu_matches_reference(rng, k, dtype, m):
+    # (1000, 300): a partial chunk of blocks and a partial tile of 16 rows; (8192, 64): split reduction.
+    for din, dout in ((96, 40), (100, 33), (1000, 300), (8192, 64)):
+        x, q = make(rng, m, din, dout, k, dtype)
+        check(x, q, GPU, f"k={k} m={m} in={din} out={dout} {rng}")
+
+
+@pytest.mark.parametrize("scale_format", SCALE_FORMATS)
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU is None or not jk.cuda_built(), reason="needs a CUDA GPU and the CUDA build")
+def test_gpu_scale_formats_large_and_deterministic(rng, scale_format):
+    x, q = make(rng, 5, 4096, 3000, 4, BF16, scale_format)
+    y = check(x, q, GPU, f"{scale_format} {rng}")
+    again = np.asarray(jax.jit(jk.matmul)(jax.device_put(x, GPU), jax.device_put(q, GPU)))
+    np.testing.assert_array_equal(y.view(np.uint16), again.view(np.uint16))  # no atomics: same bits
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU is None or not jk.cuda_built(), reason="needs a CUDA GPU and the CUDA build")
+def test_gpu_transforms_and_grad(rng):
+    with jax.default_device(GPU):
+        x, q = make(rng, 4, 512, 256, 4, BF16, lead=(3,))
+        wref = weight_ref(q)
+        y = jax.jit(jax.vmap(jk.matmul, in_axes=(0, None)))(jnp.asarray(x), q)
+        assert rel_err(y, np.asarray(x, np.float64) @ wref) < TOL[BF16]
+        xf = jnp.asarray(x[0], jnp.float32)
+        g = jax.jit(
+            jax.grad(lambda x: jnp.sum(jk.matmul(x.astype(jnp.bfloat16), q).astype(jnp.float32) ** 2))
+        )(xf)
+        expect = 2 * (np.asarray(xf, np.float64) @ wref) @ wref.T
+        assert rel_err(g, expect) < 3e-2
