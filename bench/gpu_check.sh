@@ -8,6 +8,7 @@ OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 mode=${1:-full}
+quick=""; [ "$mode" = quick ] && quick=1
 status=0
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
@@ -23,7 +24,8 @@ cd /tmp  # import the installed package, not the source tree
 # bitsandbytes for the benchmark's peer, carried unpacked (its CUDA 13.0 library only) when present.
 [ -d "$repo/.carry/bnb" ] && export PYTHONPATH="$repo/.carry/bnb${PYTHONPATH:+:$PYTHONPATH}"
 
-python3 -m pytest -q -p no:cacheprovider "$repo/tests/test_gpu.py" 2>&1 | tee "$OUT/gpu_tests.log" | tail -6 || status=1
+python3 -m pytest -q -p no:cacheprovider -m gpu "$repo/tests" 2>&1 | tee "$OUT/gpu_tests.log" | tail -6 || status=1
+python3 "$repo/bench/bench_matmul.py" --out "$OUT" ${quick:+--quick} 2>&1 | tee "$OUT/bench_matmul.log" | tail -60 || status=1
 if [ "$mode" = quick ]; then
   python3 "$repo/bench/bench_gpu.py" --out "$OUT" --quick 2>&1 | tee "$OUT/bench.log" | tail -20 || status=1
 else
