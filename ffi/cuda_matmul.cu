@@ -3,12 +3,15 @@
 // W [in, out] is stored as format v1 of its transpose ([out, in], blocks of 32 along `in`), so each
 // 32-wide slice of the reduction is one block of one output row, with one scale. The products run on the
 // tensor cores (mma.sync m16n8k16): a warp owns 16 output rows and a range of blocks; for each block it
-// rebuilds the 16x16 A fragments straight from the bit planes (a rotate and a mask per plane gives four
-// codes at once, one per byte) and turns codes into 16-bit codebook values with __shfl_sync from the lane
-// that holds each entry. The block's float32 partial sums are multiplied by the two rows' decoded scales
-// once per block, so no dequantized weight is ever written. The reduction is split over warps when `out`
-// alone would not fill the GPU; the float32 partials then go to XLA scratch memory and a second kernel
-// adds them in a fixed order (deterministic, no atomics).
+// rebuilds the 16x16 A fragments straight from the bit planes. For K <= 4 a rotate and a mask per plane
+// give the 2K-bit index of four pairs of adjacent codes at once, one per byte, and one shared-memory load
+// per pair returns both codebook values already packed as the fragment register wants them (the table is
+// replicated 32 times so that every lane reads its own bank: no conflicts). For K = 5 codes are rebuilt
+// one per byte and looked up with __shfl_sync from the lane that holds each codebook entry. The block's
+// float32 partial sums are multiplied by the two rows' decoded scales once per block, so no dequantized
+// weight is ever written. The reduction is split over warps when `out` alone would not fill the GPU; the
+// float32 partials then go to XLA scratch memory and a second kernel adds them in a fixed order
+// (deterministic, no atomics).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -24,7 +27,7 @@ namespace {
 constexpr int kMmWarps = 4;
 constexpr int kMmThreads = kMmWarps * 32;
 constexpr int kChunk = 4;  // blocks whose loads are issued together, to keep memory busy
-constexpr int kMaxRows = 64;
+constexpr int kMaxRows = 32;
 
 template <bool kBf16>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
@@ -54,6 +57,26 @@ __device__ __forceinline__ void spread_codes(const uint32_t (&w)[K], int c, uint
     e0 |= __funnelshift_r(w[j], w[j], 2 * c - j) & (0x01010101u << j);
     e1 |= __funnelshift_r(w[j], w[j], 2 * c + 1 - j) & (0x01010101u << j);
   }
+}
+
+// Byte q (0..3) of the result indexes the pair of elements 8q + 2c and 8q + 2c + 1: bit 2j + r is bit j
+// of element r's code. Rotating plane j right by 2c - 2j brings bits 8q + 2c + r to 8q + 2j + r.
+template <int K>
+__device__ __forceinline__ uint32_t pair_index(const uint32_t (&w)[K], int c) {
+  uint32_t p = 0;
+#pragma unroll
+  for (int j = 0; j < K; ++j) p |= __funnelshift_r(w[j], w[j], 2 * c - 2 * j) & (0x03030303u << (2 * j));
+  return p;
+}
+
+// Table entry i, replicated in words 32 i .. 32 i + 31: lane l reads word 32 i + l, always in bank l.
+__device__ __forceinline__ uint32_t pair_value(const uint32_t* table, uint32_t p, int q, int lane) {
+  return table[(((p >> (8 * q)) & 0xffu) << 5) + lane];
+}
+
+template <int K>
+constexpr int table_bytes() {
+  return K <= 4 ? (1 << (2 * K)) * 32 * 4 : 0;
 }
 
 // The 16-bit codebook value of the code in byte q of e (shfl uses only the low 5 bits of the lane index).
@@ -86,26 +109,27 @@ __device__ __forceinline__ void load_words(const uint32_t* __restrict__ p, uint3
   }
 }
 
-// One warp: output rows [16 * tile, 16 * tile + 16), blocks [split * per_split, ...). MT tiles of 8 x rows.
+// One work item of one warp: output rows [16 * tile, 16 * tile + 16), blocks [split * per_split, ...),
+// MT tiles of 8 rows of x.
 template <bool kBf16, int K, int MT>
-__global__ void __launch_bounds__(kMmThreads)
-    matmul_kernel(ScaleFormat fmt, const uint32_t* __restrict__ packed, const void* __restrict__ scales,
-                  const float* __restrict__ codebook, const float* __restrict__ tensor_scale,
-                  const uint16_t* __restrict__ x, int64_t m_rows, int64_t n_out, int64_t nb, int64_t tiles,
-                  int64_t splits, int64_t per_split, float* __restrict__ partial,
-                  uint16_t* __restrict__ out) {
-  const int lane = threadIdx.x & 31;
-  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kMmWarps + (threadIdx.x >> 5);
-  if (warp >= tiles * splits) return;  // the whole warp leaves together
-  const int64_t tile = warp % tiles;
-  const int64_t split = warp / tiles;
+__device__ __forceinline__ void matmul_item(ScaleFormat fmt, const uint32_t* __restrict__ packed,
+                                            const void* __restrict__ scales,
+                                            const float* __restrict__ codebook,
+                                            const float* __restrict__ tensor_scale,
+                                            const uint16_t* __restrict__ x, int64_t m_rows, int64_t n_out,
+                                            int64_t nb, int64_t tiles, int64_t splits, int64_t per_split,
+                                            float* __restrict__ partial, uint16_t* __restrict__ out,
+                                            const uint32_t* table, int lane, int64_t item) {
+  constexpr bool kTable = K <= 4;
+  const int64_t tile = item % tiles;
+  const int64_t split = item / tiles;
   const int g = lane >> 2;
   const int c = lane & 3;
   const int64_t r0 = tile * 16 + g;
   const int64_t r1 = r0 + 8;
   const bool v0 = r0 < n_out;
   const bool v1 = r1 < n_out;
-  const uint32_t entry = lane < (1 << K) ? to_16<kBf16>(codebook[lane]) : 0u;
+  const uint32_t entry = !kTable && lane < (1 << K) ? to_16<kBf16>(codebook[lane]) : 0u;
   const float t = tensor_scale[0];
   const int64_t begin = split * per_split;
   const int64_t end = begin + per_split < nb ? begin + per_split : nb;
@@ -147,20 +171,31 @@ __global__ void __launch_bounds__(kMmThreads)
       // Rows past n_out get scale 0: their products are finite (zero codes times x) and never stored.
       const float s0 = v0 ? decode_scale(fmt, st0[u], t) : 0.0f;
       const float s1 = v1 ? decode_scale(fmt, st1[u], t) : 0.0f;
-      uint32_t e00, e01, e10, e11;
-      spread_codes<K>(w0[u], c, e00, e01);
-      spread_codes<K>(w1[u], c, e10, e11);
+      uint32_t e00 = 0, e01 = 0, e10 = 0, e11 = 0;
+      if constexpr (kTable) {
+        e00 = pair_index<K>(w0[u], c);
+        e10 = pair_index<K>(w1[u], c);
+      } else {
+        spread_codes<K>(w0[u], c, e00, e01);
+        spread_codes<K>(w1[u], c, e10, e11);
+      }
       float part[MT][4];
 #pragma unroll
       for (int i = 0; i < MT; ++i) part[i][0] = part[i][1] = part[i][2] = part[i][3] = 0.0f;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const uint32_t a[4] = {
-            pack(lookup(entry, e00, 2 * h), lookup(entry, e01, 2 * h)),          // row g, k 2c, 2c+1
-            pack(lookup(entry, e10, 2 * h), lookup(entry, e11, 2 * h)),          // row g+8
-            pack(lookup(entry, e00, 2 * h + 1), lookup(entry, e01, 2 * h + 1)),  // row g, k 2c+8, 2c+9
-            pack(lookup(entry, e10, 2 * h + 1), lookup(entry, e11, 2 * h + 1)),  // row g+8
-        };
+        uint32_t a[4];
+        if constexpr (kTable) {
+          a[0] = pair_value(table, e00, 2 * h, lane);      // row g, k 2c, 2c+1
+          a[1] = pair_value(table, e10, 2 * h, lane);      // row g+8
+          a[2] = pair_value(table, e00, 2 * h + 1, lane);  // row g, k 2c+8, 2c+9
+          a[3] = pair_value(table, e10, 2 * h + 1, lane);  // row g+8
+        } else {
+          a[0] = pack(lookup(entry, e00, 2 * h), lookup(entry, e01, 2 * h));
+          a[1] = pack(lookup(entry, e10, 2 * h), lookup(entry, e11, 2 * h));
+          a[2] = pack(lookup(entry, e00, 2 * h + 1), lookup(entry, e01, 2 * h + 1));
+          a[3] = pack(lookup(entry, e10, 2 * h + 1), lookup(entry, e11, 2 * h + 1));
+        }
         const int64_t kk = b * kBlock + 16 * h + 2 * c;  // even: a pair of 16-bit x values is one word
 #pragma unroll
         for (int i = 0; i < MT; ++i) {
@@ -175,10 +210,10 @@ __global__ void __launch_bounds__(kMmThreads)
       }
 #pragma unroll
       for (int i = 0; i < MT; ++i) {
-        acc[i][0] += s0 * part[i][0];
-        acc[i][1] += s0 * part[i][1];
-        acc[i][2] += s1 * part[i][2];
-        acc[i][3] += s1 * part[i][3];
+        acc[i][0] = __fmaf_rn(s0, part[i][0], acc[i][0]);
+        acc[i][1] = __fmaf_rn(s0, part[i][1], acc[i][1]);
+        acc[i][2] = __fmaf_rn(s1, part[i][2], acc[i][2]);
+        acc[i][3] = __fmaf_rn(s1, part[i][3], acc[i][3]);
       }
     }
   }
@@ -200,6 +235,39 @@ __global__ void __launch_bounds__(kMmThreads)
   }
 }
 
+// Persistent CTAs: each builds the pair table (K <= 4) once, then its warps take (tile, split) items in turn.
+template <bool kBf16, int K, int MT>
+__global__ void __launch_bounds__(kMmThreads)
+    matmul_kernel(ScaleFormat fmt, const uint32_t* __restrict__ packed, const void* __restrict__ scales,
+                  const float* __restrict__ codebook, const float* __restrict__ tensor_scale,
+                  const uint16_t* __restrict__ x, int64_t m_rows, int64_t n_out, int64_t nb, int64_t tiles,
+                  int64_t splits, int64_t per_split, float* __restrict__ partial,
+                  uint16_t* __restrict__ out) {
+  extern __shared__ uint4 smem[];
+  const int lane = threadIdx.x & 31;
+  if constexpr (K <= 4) {
+    for (int i = threadIdx.x; i < (1 << (2 * K)); i += kMmThreads) {
+      int c0 = 0, c1 = 0;
+#pragma unroll
+      for (int j = 0; j < K; ++j) {
+        c0 |= ((i >> (2 * j)) & 1) << j;
+        c1 |= ((i >> (2 * j + 1)) & 1) << j;
+      }
+      const uint32_t v =
+          to_16<kBf16>(codebook[c0]) | (static_cast<uint32_t>(to_16<kBf16>(codebook[c1])) << 16);
+#pragma unroll
+      for (int r = 0; r < 8; ++r) smem[i * 8 + r] = make_uint4(v, v, v, v);
+    }
+    __syncthreads();
+  }
+  const uint32_t* table = reinterpret_cast<const uint32_t*>(smem);
+  for (int64_t item = static_cast<int64_t>(blockIdx.x) * kMmWarps + (threadIdx.x >> 5); item < tiles * splits;
+       item += static_cast<int64_t>(gridDim.x) * kMmWarps) {
+    matmul_item<kBf16, K, MT>(fmt, packed, scales, codebook, tensor_scale, x, m_rows, n_out, nb, tiles,
+                              splits, per_split, partial, out, table, lane, item);
+  }
+}
+
 template <bool kBf16>
 __global__ void __launch_bounds__(kThreads)
     sum_splits_kernel(const float* __restrict__ partial, int64_t splits, int64_t count,
@@ -212,36 +280,54 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-struct Plan {
-  int64_t tiles, splits, per_split;
+struct Args {
+  ScaleFormat fmt;
+  const uint32_t* packed;
+  const void* scales;
+  const float* codebook;
+  const float* tensor_scale;
+  const uint16_t* x;
+  int64_t m, n, nb;
+  uint16_t* out;
 };
 
-// Enough warps to fill every SM a few times over, with at least two chunks of blocks per warp.
-inline Plan plan(int64_t n_out, int64_t nb) {
-  const int64_t sms = sm_count() > 0 ? sm_count() : 132;
-  Plan p;
-  p.tiles = (n_out + 15) / 16;
-  const int64_t want = sms * 32;
-  const int64_t max_splits = std::max<int64_t>(1, nb / (2 * kChunk));
-  p.splits = std::min<int64_t>(max_splits, std::max<int64_t>(1, (want + p.tiles - 1) / p.tiles));
-  p.per_split = (nb + p.splits - 1) / p.splits;
-  p.splits = (nb + p.per_split - 1) / p.per_split;  // no empty splits
-  return p;
-}
-
+// Splits the reduction so that the resident warps have about one item each, with at least two chunks of
+// blocks per item; persistent CTAs, as many as fit on the GPU at once.
 template <bool kBf16, int K, int MT>
-void launch_matmul(cudaStream_t stream, ScaleFormat fmt, const uint32_t* packed, const void* scales,
-                   const float* cb, const float* ts, const uint16_t* x, int64_t m, int64_t n, int64_t nb,
-                   const Plan& p, float* partial, uint16_t* out) {
-  const int64_t warps = p.tiles * p.splits;
-  const unsigned ctas = static_cast<unsigned>((warps + kMmWarps - 1) / kMmWarps);
-  matmul_kernel<kBf16, K, MT><<<ctas, kMmThreads, 0, stream>>>(fmt, packed, scales, cb, ts, x, m, n, nb,
-                                                               p.tiles, p.splits, p.per_split, partial, out);
-  if (p.splits > 1) {
-    const int64_t count = m * n;
-    const unsigned grid = static_cast<unsigned>(std::min<int64_t>((count + kThreads - 1) / kThreads, 65535));
-    sum_splits_kernel<kBf16><<<grid, kThreads, 0, stream>>>(partial, p.splits, count, out);
+ffi::Error run_matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, const Args& a) {
+  auto* kernel = matmul_kernel<kBf16, K, MT>;
+  constexpr int smem = table_bytes<K>();
+  int per_sm = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kMmThreads, smem) != cudaSuccess ||
+      per_sm < 1) {
+    return launch_error("matmul occupancy query");
   }
+  const int64_t sms = sm_count() > 0 ? sm_count() : 132;
+  const int64_t resident_warps = sms * per_sm * kMmWarps;
+  const int64_t tiles = (a.n + 15) / 16;
+  const int64_t max_splits = std::max<int64_t>(1, a.nb / (2 * kChunk));
+  int64_t splits = std::min<int64_t>(max_splits, std::max<int64_t>(1, (resident_warps + tiles - 1) / tiles));
+  const int64_t per_split = (a.nb + splits - 1) / splits;
+  splits = (a.nb + per_split - 1) / per_split;  // no empty splits
+  float* partial = nullptr;
+  if (splits > 1) {
+    const auto mem = scratch.Allocate(static_cast<size_t>(splits * a.m * a.n) * sizeof(float));
+    if (!mem.has_value()) {
+      return ffi::Error(ffi::ErrorCode::kResourceExhausted, "jax_kbit: matmul scratch allocation failed");
+    }
+    partial = static_cast<float*>(mem.value());
+  }
+  const int64_t items = tiles * splits;
+  const unsigned ctas =
+      static_cast<unsigned>(std::min<int64_t>((items + kMmWarps - 1) / kMmWarps, sms * per_sm));
+  kernel<<<ctas, kMmThreads, smem, stream>>>(a.fmt, a.packed, a.scales, a.codebook, a.tensor_scale, a.x, a.m,
+                                             a.n, a.nb, tiles, splits, per_split, partial, a.out);
+  if (splits > 1) {
+    const int64_t count = a.m * a.n;
+    const unsigned grid = static_cast<unsigned>(std::min<int64_t>((count + kThreads - 1) / kThreads, 65535));
+    sum_splits_kernel<kBf16><<<grid, kThreads, 0, stream>>>(partial, splits, count, a.out);
+  }
+  return launch_error("matmul");
 }
 
 ffi::Error MatmulImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer x,
@@ -268,36 +354,30 @@ ffi::Error MatmulImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::A
     }
     return ffi::Error::Success();
   }
-  const Plan p = plan(L.n, L.nb);
-  float* partial = nullptr;
-  if (p.splits > 1) {
-    const auto mem = scratch.Allocate(static_cast<size_t>(p.splits * L.m * L.n) * sizeof(float));
-    if (!mem.has_value()) {
-      return ffi::Error(ffi::ErrorCode::kResourceExhausted, "jax_kbit: matmul scratch allocation failed");
-    }
-    partial = static_cast<float*>(mem.value());
-  }
-  const auto* xs = static_cast<const uint16_t*>(x.untyped_data());
+  const Args a{L.format,
+               packed.typed_data(),
+               scales.untyped_data(),
+               codebook.typed_data(),
+               tensor_scale.typed_data(),
+               static_cast<const uint16_t*>(x.untyped_data()),
+               L.m,
+               L.n,
+               L.nb,
+               o};
   const bool bf16 = x.element_type() == ffi::DataType::BF16;
-  const uint32_t* pk = packed.typed_data();
-  const void* sc = scales.untyped_data();
-  const float* cb = codebook.typed_data();
-  const float* ts = tensor_scale.typed_data();
+  ffi::Error result = ffi::Error::Success();
   with_k(L.k, [&](auto kc) {
     constexpr int K = decltype(kc)::value;
     auto go = [&](auto bf, auto mt) {
-      launch_matmul<decltype(bf)::value, K, decltype(mt)::value>(stream, L.format, pk, sc, cb, ts, xs, L.m,
-                                                                 L.n, L.nb, p, partial, o);
+      result = run_matmul<decltype(bf)::value, K, decltype(mt)::value>(stream, scratch, a);
     };
     auto by_rows = [&](auto bf) {
       if (L.m <= 8) {
         go(bf, std::integral_constant<int, 1>{});
       } else if (L.m <= 16) {
         go(bf, std::integral_constant<int, 2>{});
-      } else if (L.m <= 32) {
-        go(bf, std::integral_constant<int, 4>{});
       } else {
-        go(bf, std::integral_constant<int, 8>{});
+        go(bf, std::integral_constant<int, 4>{});
       }
     };
     if (bf16) {
@@ -306,7 +386,7 @@ ffi::Error MatmulImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::A
       by_rows(std::false_type{});
     }
   });
-  return launch_error("matmul");
+  return result;
 }
 
 }  // namespace

@@ -37,7 +37,7 @@ from jax_kbit.reference import BLOCK, SCALE_DTYPES
 
 __all__ = ["FUSED_MAX_ROWS", "matmul", "matmul_p", "quantize_matrix"]
 
-FUSED_MAX_ROWS = 64
+FUSED_MAX_ROWS = 32
 """Rows of ``x`` up to which the fused kernels run; above it ``dequantize`` + ``dot_general`` is used."""
 
 matmul_p = jex.core.Primitive("kbit_matmul")
