@@ -1,49 +1,77 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: build and install with CUDA, GPU tests, benchmark, compute-sanitizer.
-#   bash bench/gpu_check.sh          everything, plus the self-check, the CPU suite on this machine's jax and ncu
-#   bash bench/gpu_check.sh quick    build, GPU tests, a shorter benchmark, sanitizers (fits a small budget)
-# Logs and results go to $OUT (default bench/out), most important first in case the call is cut short.
+# One call on the GPU machine: build and install with CUDA, then the steps asked for, most important first.
+#   bash bench/gpu_check.sh                 every step below (full benchmark sizes)
+#   QUICK=1 bash bench/gpu_check.sh         shorter benchmarks (fits a small device budget)
+#   bash bench/gpu_check.sh tests sharded   only these steps (after the build)
+# Steps: tests (every `gpu`-marked test, all GPUs of the machine for the sharding ones), matmul (fused matmul
+# benchmark), decode (Llama-shaped decode tokens/s), sharded (sharded benchmark over all GPUs), bench
+# (quantize/dequantize benchmark), sanitize (compute-sanitizer memcheck + racecheck), selfcheck, cpu (the CPU
+# suite on this machine's jax), ncu (profile of the quantize/dequantize kernels).
+# Logs and results go to $OUT/logs (default bench/out/logs), packed into $OUT/logs.tgz at exit (the device tool
+# brings back only a few files). DEADLINE=seconds skips the steps that would start after it.
 set -uo pipefail
 OUT=${OUT:-bench/out}
+FINAL_OUT=$OUT
+OUT=$FINAL_OUT/logs
 mkdir -p "$OUT"
+pack() { tar czf "$FINAL_OUT/logs.tgz" -C "$OUT" . && rm -rf "$OUT"; }
+trap pack EXIT
+trap 'exit 143' TERM INT
+deadline=${DEADLINE:-100000}
 export PYTHONUNBUFFERED=1
-mode=${1:-full}
-quick=""; [ "$mode" = quick ] && quick=1
+quick=${QUICK:-}
+steps="$*"
+[ -n "$steps" ] || steps="tests matmul decode sharded bench sanitize selfcheck cpu ncu"
 status=0
 {
-  echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo "date: $(date -u +%Y-%m-%dT%H:%MZ)  commit: $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 } 2>&1 | tee "$OUT/env.txt"
 
-CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90 -DKBIT_CUDA=ON" \
+t0=$SECONDS
+CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90 -DKBIT_CUDA=ON" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
   python3 -m pip install -q --no-build-isolation --no-deps . >"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-echo "build ok"
+echo "build ok ($((SECONDS - t0)) s)"
 repo=$PWD
 cd /tmp  # import the installed package, not the source tree
-# bitsandbytes for the benchmark's peer, carried unpacked (its CUDA 13.0 library only) when present.
+# bitsandbytes for the benchmarks' peer, carried unpacked (its CUDA 13.0 library only) when present.
 [ -d "$repo/.carry/bnb" ] && export PYTHONPATH="$repo/.carry/bnb${PYTHONPATH:+:$PYTHONPATH}"
 
-python3 -m pytest -q -p no:cacheprovider -m gpu "$repo/tests" 2>&1 | tee "$OUT/gpu_tests.log" | tail -6 || status=1
-python3 "$repo/bench/bench_matmul.py" --out "$OUT" ${quick:+--quick} 2>&1 | tee "$OUT/bench_matmul.log" | tail -60 || status=1
-if [ "$mode" = quick ]; then
-  python3 "$repo/bench/bench_gpu.py" --out "$OUT" --quick 2>&1 | tee "$OUT/bench.log" | tail -20 || status=1
-else
-  python3 "$repo/bench/bench_gpu.py" --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -20 || status=1
-fi
-for tool in memcheck racecheck; do
-  compute-sanitizer --tool $tool --error-exitcode 3 python3 "$repo/bench/sanitize.py" >"$OUT/sanitize_$tool.log" 2>&1
-  rc=$?
-  echo "compute-sanitizer $tool: rc=$rc $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
+step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, print the tail
+  local name=$1; shift
+  local t=$SECONDS
+  echo "=== $name"
+  "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -${TAIL:-25} "$OUT/$name.log"
+  echo "=== $name: rc=$rc ($((SECONDS - t)) s)"
   [ $rc -eq 0 ] || status=1
+}
+
+for s in $steps; do
+  if [ $SECONDS -gt "$deadline" ]; then echo "skipped $s: past DEADLINE=$deadline s"; status=1; continue; fi
+  case $s in
+    tests) TAIL=12 step gpu_tests python3 -m pytest -q -p no:cacheprovider -m gpu "$repo/tests" ;;
+    matmul) TAIL=70 step bench_matmul python3 "$repo/bench/bench_matmul.py" --out "$OUT" ${quick:+--quick} ;;
+    decode) [ -f "$repo/bench/bench_decode.py" ] && step bench_decode python3 "$repo/bench/bench_decode.py" --out "$OUT" ${quick:+--quick} ;;
+    sharded) TAIL=20 step bench_sharded python3 "$repo/bench/bench_sharded.py" --out "$OUT" ${quick:+--ks 4} ;;
+    bench) step bench python3 "$repo/bench/bench_gpu.py" --out "$OUT" ${quick:+--quick} ;;
+    sanitize)
+      for tool in memcheck racecheck; do
+        compute-sanitizer --tool $tool --error-exitcode 3 python3 "$repo/bench/sanitize.py" >"$OUT/sanitize_$tool.log" 2>&1
+        rc=$?
+        echo "compute-sanitizer $tool: rc=$rc $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
+        [ $rc -eq 0 ] || status=1
+      done ;;
+    selfcheck) TAIL=12 step selfcheck python3 -P -m jax_kbit ;;
+    cpu) TAIL=3 step cpu_suite python3 -m pytest -q -p no:cacheprovider "$repo/tests" -m "not gpu" ;;
+    ncu)
+      ncu --clock-control none --kernel-name regex:'quantize_kernel|dequantize' --launch-skip 1 --launch-count 2 \
+        --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
+        python3 "$repo/bench/profile_quantize.py" >"$OUT/ncu.txt" 2>&1
+      echo "ncu: rc=$? ($(grep -c 'Duration' "$OUT/ncu.txt") kernels profiled)" ;;
+    *) echo "unknown step $s"; status=1 ;;
+  esac
 done
-if [ "$mode" != quick ]; then
-  python3 -P -m jax_kbit 2>&1 | tee "$OUT/selfcheck.log" | tail -12 || status=1
-  python3 "$repo/bench/jnp_format.py" 2>&1 | tail -1 || status=1
-  python3 -m pytest -q -p no:cacheprovider "$repo/tests" -m "not gpu" 2>&1 | tail -3 | tee "$OUT/cpu_suite.log" || status=1
-  ncu --clock-control none --kernel-name regex:'quantize_kernel|dequantize' --launch-skip 1 --launch-count 2 \
-    --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
-    python3 "$repo/bench/profile_quantize.py" >"$OUT/ncu.txt" 2>&1
-  echo "ncu: rc=$? ($(grep -c 'Duration' "$OUT/ncu.txt") kernels profiled)"
-fi
 exit $status

@@ -3,6 +3,7 @@
 // codes are looked up once into a buffer (a dequantized tile, scales left out), then every row of x takes a
 // float32 dot product with it block by block and the block's decoded scale multiplies each 32-element
 // partial sum, the same association as the CUDA kernel.
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -53,6 +54,41 @@ void matmul_rows(const MatmulLayout& L, const float* xf, const uint32_t* packed,
   }
 }
 
+// y = g @ W^T for g [m, out]: y[:, 32 b + i] = sum over o of g[:, o] * W^T[o, 32 b + i]. Each task owns
+// whole columns of blocks, so every output element is summed over o in order by one thread; positions past
+// d (the padding of the last block) are written as zeros.
+template <typename X, int K>
+void matmul_t_blocks(const MatmulLayout& L, int64_t d, const float* gf, const uint32_t* packed,
+                     const void* scales, const float* cb, float t, typename X::Storage* out, int64_t begin,
+                     int64_t end) {
+  std::vector<float> acc(static_cast<size_t>(L.m * kBlock));
+  const int64_t ldy = L.nb * kBlock;
+  float v[kBlock];
+  for (int64_t b = begin; b < end; ++b) {
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int64_t o = 0; o < L.n; ++o) {
+      const uint32_t* w = packed + (o * L.nb + b) * K;
+      const float s = decode_scale(L.format, read_scale(scales, o * L.nb + b, L.format), t);
+      for (int i = 0; i < kBlock; ++i) {
+        uint32_t code = 0;
+        for (int j = 0; j < K; ++j) code |= ((w[j] >> i) & 1u) << j;
+        v[i] = cb[code] * s;
+      }
+      for (int64_t m = 0; m < L.m; ++m) {
+        const float gv = gf[m * L.n + o];
+        float* a = acc.data() + m * kBlock;
+        for (int i = 0; i < kBlock; ++i) a[i] += gv * v[i];
+      }
+    }
+    for (int64_t m = 0; m < L.m; ++m) {
+      for (int i = 0; i < kBlock; ++i) {
+        const int64_t col = b * kBlock + i;
+        out[m * ldy + col] = X::store(col < d ? acc[m * kBlock + i] : 0.0f);
+      }
+    }
+  }
+}
+
 constexpr int64_t kRowGrain = 16;
 
 ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::U32> packed,
@@ -94,8 +130,61 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::U
   return ffi::Error::Success();
 }
 
+ffi::Error MatmulTImpl(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::Buffer<ffi::U32> packed,
+                       ffi::AnyBuffer scales, ffi::Buffer<ffi::F32> codebook,
+                       ffi::Buffer<ffi::F32> tensor_scale, ffi::Result<ffi::AnyBuffer> out, int32_t k,
+                       int32_t scale_format, int64_t d) {
+  MatmulLayout L;
+  if (ffi::Error e =
+          matmul_t_layout_of(g, packed, scales, codebook, tensor_scale, *out, k, scale_format, d, &L);
+      e.failure()) {
+    return e;
+  }
+  if (L.m == 0 || L.nb == 0) return ffi::Error::Success();
+  const uint32_t* p = packed.typed_data();
+  const void* sc = scales.untyped_data();
+  const float* cb = codebook.typed_data();
+  const float t = tensor_scale.typed_data()[0];
+  auto run = [&](auto tag) {
+    using X = decltype(tag);
+    const int64_t count = L.m * L.n;
+    std::vector<float> gf(static_cast<size_t>(count));
+    const auto* gs = static_cast<const typename X::Storage*>(g.untyped_data());
+    {
+      IeeeSubnormals ieee;
+      for (int64_t i = 0; i < count; ++i) gf[i] = X::load(gs[i]);
+    }
+    auto* o = static_cast<typename X::Storage*>(out->untyped_data());
+    with_k(L.k, [&](auto kc) {
+      constexpr int K = decltype(kc)::value;
+      parallel_for(pool, L.nb, 1, [&](int64_t b, int64_t e) {
+        matmul_t_blocks<X, K>(L, d, gf.data(), p, sc, cb, t, o, b, e);
+      });
+    });
+  };
+  switch (g.element_type()) {
+    case ffi::DataType::F32: run(F32{}); break;
+    case ffi::DataType::F16: run(F16{}); break;
+    default: run(BF16{}); break;
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 }  // namespace kbit
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulTCpu, kbit::MatmulTImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int32_t>("k")
+                                  .Attr<int32_t>("scale_format")
+                                  .Attr<int64_t>("d"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulCpu, kbit::MatmulImpl,
                               ffi::Ffi::Bind()

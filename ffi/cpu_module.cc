@@ -12,6 +12,7 @@ NB_MODULE(_kbit_cpu, m) {
     d["kbit_quantize"] = nb::capsule(reinterpret_cast<void*>(KbitQuantizeCpu));
     d["kbit_dequantize"] = nb::capsule(reinterpret_cast<void*>(KbitDequantizeCpu));
     d["kbit_matmul"] = nb::capsule(reinterpret_cast<void*>(KbitMatmulCpu));
+    d["kbit_matmul_t"] = nb::capsule(reinterpret_cast<void*>(KbitMatmulTCpu));
     return d;
   });
 }

@@ -1,4 +1,4 @@
-// CUDA handler for the fused k-bit matmul y = x @ W at small batch (M rows of x, M <= 64).
+// CUDA handler for the fused k-bit matmul y = x @ W at small batch (M rows of x, M <= 32).
 //
 // W [in, out] is stored as format v1 of its transpose ([out, in], blocks of 32 along `in`), so each
 // 32-wide slice of the reduction is one block of one output row, with one scale. The products run on the
@@ -12,11 +12,9 @@
 // weight is ever written. The reduction is split over warps when `out` alone would not fill the GPU; the
 // float32 partials then go to XLA scratch memory and a second kernel adds them in a fixed order
 // (deterministic, no atomics).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include "cuda_common.cuh"
 #include "cuda_handlers.h"
+#include "cuda_mma.cuh"
 
 namespace ffi = xla::ffi;
 
@@ -28,23 +26,6 @@ constexpr int kMmWarps = 4;
 constexpr int kMmThreads = kMmWarps * 32;
 constexpr int kChunk = 4;  // blocks whose loads are issued together, to keep memory busy
 constexpr int kMaxRows = 32;
-
-template <bool kBf16>
-__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (kBf16) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
 
 // Codes of the 8 elements 8q + 2c + r (q = 0..3) of a block, for r = 0 in e0 and r = 1 in e1: byte q holds
 // the code. Rotating plane j right by 2c + r - j brings bit 8q + 2c + r to bit 8q + j for every q at once.
@@ -85,29 +66,6 @@ __device__ __forceinline__ uint32_t lookup(uint32_t entry, uint32_t e, int q) {
 }
 
 __device__ __forceinline__ uint32_t pack(uint32_t lo, uint32_t hi) { return __byte_perm(lo, hi, 0x5410); }
-
-template <bool kBf16>
-__device__ __forceinline__ uint16_t to_16(float v) {
-  if constexpr (kBf16) {
-    return __bfloat16_as_ushort(__float2bfloat16_rn(v));
-  } else {
-    return __half_as_ushort(__float2half_rn(v));
-  }
-}
-
-template <int K>
-__device__ __forceinline__ void load_words(const uint32_t* __restrict__ p, uint32_t (&w)[K]) {
-  if constexpr (K == 4) {
-    const uint4 v = *reinterpret_cast<const uint4*>(p);
-    w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
-  } else if constexpr (K == 2) {
-    const uint2 v = *reinterpret_cast<const uint2*>(p);
-    w[0] = v.x, w[1] = v.y;
-  } else {
-#pragma unroll
-    for (int j = 0; j < K; ++j) w[j] = p[j];
-  }
-}
 
 // One work item of one warp: output rows [16 * tile, 16 * tile + 16), blocks [split * per_split, ...),
 // MT tiles of 8 rows of x.
@@ -265,18 +223,6 @@ __global__ void __launch_bounds__(kMmThreads)
        item += static_cast<int64_t>(gridDim.x) * kMmWarps) {
     matmul_item<kBf16, K, MT>(fmt, packed, scales, codebook, tensor_scale, x, m_rows, n_out, nb, tiles,
                               splits, per_split, partial, out, table, lane, item);
-  }
-}
-
-template <bool kBf16>
-__global__ void __launch_bounds__(kThreads)
-    sum_splits_kernel(const float* __restrict__ partial, int64_t splits, int64_t count,
-                      uint16_t* __restrict__ out) {
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < count;
-       i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    float s = partial[i];
-    for (int64_t p = 1; p < splits; ++p) s += partial[p * count + i];
-    out[i] = to_16<kBf16>(s);
   }
 }
 

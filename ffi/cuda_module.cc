@@ -20,6 +20,7 @@ NB_MODULE(_kbit_cuda, m) {
     d["kbit_quantize"] = nb::capsule(reinterpret_cast<void*>(KbitQuantizeCuda));
     d["kbit_dequantize"] = nb::capsule(reinterpret_cast<void*>(KbitDequantizeCuda));
     d["kbit_matmul"] = nb::capsule(reinterpret_cast<void*>(KbitMatmulCuda));
+    d["kbit_matmul_t"] = nb::capsule(reinterpret_cast<void*>(KbitMatmulTCuda));
     return d;
   });
   m.def("architectures", []() { return std::string(KBIT_CUDA_ARCHITECTURES); });

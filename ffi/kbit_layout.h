@@ -147,6 +147,22 @@ ffi::Error matmul_layout_of(const X& x, const Packed& packed, const Scales& scal
   return ffi::Error::Success();
 }
 
+// The transposed product y = g @ W^T: g [..., out], y [..., nb * 32] (zeros past d). Its buffers are those of
+// the forward product with the roles of x and y exchanged, so the same check applies; L->m counts g's rows.
+template <typename G, typename Packed, typename Scales, typename Codebook, typename TensorScale, typename Out>
+ffi::Error matmul_t_layout_of(const G& g, const Packed& packed, const Scales& scales,
+                              const Codebook& codebook, const TensorScale& tensor_scale, const Out& out,
+                              int32_t k, int32_t format, int64_t d, MatmulLayout* L) {
+  if (ffi::Error e = matmul_layout_of(out, packed, scales, codebook, tensor_scale, g, k, format, L);
+      e.failure()) {
+    return e;
+  }
+  if (d < 0 || d > L->nb * kBlock || (L->nb > 0 && d <= (L->nb - 1) * kBlock)) {
+    return invalid("d=" + std::to_string(d) + " does not match " + std::to_string(L->nb) + " blocks");
+  }
+  return ffi::Error::Success();
+}
+
 // Turns the run-time k into a template argument: fn(std::integral_constant<int, K>{}).
 template <typename Fn>
 void with_k(int k, const Fn& fn) {

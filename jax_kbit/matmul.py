@@ -7,8 +7,11 @@ leaves of the ``QuantizedArray`` of ``W^T``. How it runs (docs/MATMUL.md):
   the fused CUDA kernel (tensor cores, no dequantized weight in memory);
 - the same row counts on the CPU, any float ``x``: the C++ handler (a dequantized row tile, then dot
   products);
-- everything else (more rows, float32 ``x`` on a GPU, a call XLA partitions over several devices):
-  ``dequantize`` followed by ``dot_general`` with float32 accumulation, which is the faster way there.
+- everything else (more rows, float32 ``x`` on a GPU): ``dequantize`` followed by ``dot_general`` with
+  float32 accumulation, which is the faster way there.
+
+Under ``jit`` over several devices the call is partitioned along the batch dims of ``x`` and the ``out``
+axis of ``W`` (``jax_kbit.sharding``); each device then takes one of the paths above for its shard.
 
 Differentiation: the primitive is linear in ``x``; its transpose (``g @ W^T``, the backward pass for the
 inputs) is computed as ``dequantize`` + ``dot_general``. Tangents of the codebook, the tensor scale and
@@ -35,7 +38,7 @@ from jax_kbit.quantized_array import QuantizedArray
 from jax_kbit.quantized_matrix import QuantizedMatrix
 from jax_kbit.reference import BLOCK, SCALE_DTYPES
 
-__all__ = ["FUSED_MAX_ROWS", "matmul", "matmul_p", "quantize_matrix"]
+__all__ = ["FUSED_MAX_ROWS", "matmul", "matmul_p", "matmul_t_p", "quantize_matrix"]
 
 FUSED_MAX_ROWS = 32
 """Rows of ``x`` up to which the fused kernels run; above it ``dequantize`` + ``dot_general`` is used."""
@@ -70,6 +73,30 @@ def _abstract(x, packed, scales, codebook, tensor_scale, *, k: int, scale_format
 
 matmul_p.def_abstract_eval(_abstract)
 
+matmul_t_p = jex.core.Primitive("kbit_matmul_t")
+matmul_t_p.def_impl(partial(dispatch.apply_primitive, matmul_t_p))
+
+
+def _abstract_t(g, packed, scales, codebook, tensor_scale, *, k: int, scale_format: str, d: int):
+    """``g [..., out] @ W^T`` -> ``[..., nb * 32]`` (zero-padded past ``d``, like ``x`` of ``kbit_matmul``)."""
+    nb = num_blocks(d)
+    y = _abstract(
+        jax.core.ShapedArray(g.shape[:-1] + (nb * BLOCK,), g.dtype),
+        packed,
+        scales,
+        codebook,
+        tensor_scale,
+        k=k,
+        scale_format=scale_format,
+        d=d,
+    )
+    if y.shape[-1] != g.shape[-1]:
+        raise ValueError(f"kbit_matmul_t: g has {g.shape[-1]} features, W has {packed.shape[0]} outputs")
+    return jax.core.ShapedArray(g.shape[:-1] + (nb * BLOCK,), g.dtype)
+
+
+matmul_t_p.def_abstract_eval(_abstract_t)
+
 
 def _dequantized_dot(x, packed, scales, codebook, tensor_scale, *, k: int, scale_format: str, d: int):
     """The unfused path: ``x[..., :d] @ dequantize(W^T).T`` with float32 accumulation."""
@@ -87,17 +114,41 @@ def _dequantized_dot(x, packed, scales, codebook, tensor_scale, *, k: int, scale
     return y.astype(dtype)
 
 
+def _dequantized_dot_t(g, packed, scales, codebook, tensor_scale, *, k: int, scale_format: str, d: int):
+    """The unfused transposed product: ``g @ dequantize(W^T)``, padded with zeros to whole blocks."""
+    dtype = g.dtype
+    wt = dequantize_p.bind(
+        packed, scales, codebook, tensor_scale, k=k, scale_format=scale_format, d=d, dtype=dtype
+    )
+    y = lax.dot_general(
+        g,
+        wt,
+        (((g.ndim - 1,), (0,)), ((), ())),
+        precision=lax.Precision.HIGHEST,
+        preferred_element_type=jnp.float32,
+    ).astype(dtype)
+    pad = num_blocks(d) * BLOCK - d
+    if pad:
+        y = jnp.pad(y, [(0, 0)] * (y.ndim - 1) + [(0, pad)])
+    return y
+
+
 def _rows(aval) -> int:
     return int(np.prod(aval.shape[:-1], dtype=np.int64))
 
 
-def _lowering(platform: str):
-    kernel = jax.ffi.ffi_lowering("kbit_matmul")
-    fallback = mlir.lower_fun(_dequantized_dot, multiple_results=False)
+def _lowering(platform: str, transposed: bool = False):
+    kernel = jax.ffi.ffi_lowering("kbit_matmul_t" if transposed else "kbit_matmul")
+    fallback = mlir.lower_fun(_dequantized_dot_t if transposed else _dequantized_dot, multiple_results=False)
 
     def lower(ctx, *args, k: int, scale_format: str, d: int):
+        if sharding.wants_partitioning(ctx):
+            if transposed:  # the dense product partitions well (W sharded along `out` needs a psum)
+                return fallback(ctx, *args, k=k, scale_format=scale_format, d=d)
+            # per-shard calls along the batch dims of x and `out`
+            return sharding.lower(matmul_p, ctx, *args, k=k, scale_format=scale_format, d=d)
         x = ctx.avals_in[0]
-        fused = _rows(x) <= FUSED_MAX_ROWS and not sharding.wants_partitioning(ctx)
+        fused = _rows(x) <= FUSED_MAX_ROWS
         if platform == "cuda":
             fused = fused and np.dtype(x.dtype) in (np.dtype(jnp.float16), np.dtype(jnp.bfloat16))
             if fused and not _ffi.cuda_built() and not sharding.lowering_for_export(ctx):
@@ -107,89 +158,110 @@ def _lowering(platform: str):
                 )
         if not fused:
             return fallback(ctx, *args, k=k, scale_format=scale_format, d=d)
-        return kernel(ctx, *args, k=np.int32(k), scale_format=np.int32(SCALE_FORMAT_IDS[scale_format]))
+        attrs = dict(k=np.int32(k), scale_format=np.int32(SCALE_FORMAT_IDS[scale_format]))
+        if transposed:
+            attrs["d"] = np.int64(d)  # the kernel writes zeros past d (padded codes may decode to non-zeros)
+        return kernel(ctx, *args, **attrs)
 
     return lower
 
 
 mlir.register_lowering(matmul_p, _lowering("cpu"), platform="cpu")
 mlir.register_lowering(matmul_p, _lowering("cuda"), platform="cuda")
-sharding.register(matmul_p)
+mlir.register_lowering(matmul_t_p, _lowering("cpu", transposed=True), platform="cpu")
+mlir.register_lowering(matmul_t_p, _lowering("cuda", transposed=True), platform="cuda")
+sharding.register(matmul_p, matmul_t_p)
 
 
-def _batch(args, dims, **params):
-    x, *weight = args
-    if all(dim is None for dim in dims[1:]):
-        # One weight for the whole batch: the batch axis is just another row dim of x.
-        return matmul_p.bind(jnp.moveaxis(x, dims[0], 0), *weight, **params), 0
-    # A batch of weights (vmap over stacked layers): one dequantize per weight, then a batched dot.
-    return jax.vmap(partial(_dequantized_dot, **params), in_axes=tuple(dims))(*args), 0
+def _batcher(prim, dense):
+    def batch(args, dims, **params):
+        x, *weight = args
+        if all(dim is None for dim in dims[1:]):
+            # One weight for the whole batch: the batch axis is just another row dim of x.
+            return prim.bind(jnp.moveaxis(x, dims[0], 0), *weight, **params), 0
+        # A batch of weights (vmap over stacked layers): one dequantize per weight, then a batched dot.
+        return jax.vmap(partial(dense, **params), in_axes=tuple(dims))(*args), 0
+
+    return batch
 
 
-batching.primitive_batchers[matmul_p] = _batch
+batching.primitive_batchers[matmul_p] = _batcher(matmul_p, _dequantized_dot)
+batching.primitive_batchers[matmul_t_p] = _batcher(matmul_t_p, _dequantized_dot_t)
 
 
 def _is_zero(t) -> bool:
     return type(t) is ad.Zero
 
 
-def _jvp(primals, tangents, *, k: int, scale_format: str, d: int):
-    from jax_kbit.autodiff import _dequantize_jvp  # autodiff imports primitives; avoid a cycle at import
+def _jvp_rule(prim, transposed: bool):
+    def jvp(primals, tangents, *, k: int, scale_format: str, d: int):
+        from jax_kbit.autodiff import _dequantize_jvp  # autodiff imports primitives; avoid a cycle
 
-    x, packed, scales, codebook, tensor_scale = primals
-    dx, d_packed, d_scales, d_codebook, d_tensor_scale = tangents
-    params = dict(k=k, scale_format=scale_format, d=d)
-    y = matmul_p.bind(*primals, **params)
-    terms = []
-    if not _is_zero(dx):
-        terms.append(matmul_p.bind(dx, packed, scales, codebook, tensor_scale, **params))
-    if not (_is_zero(d_scales) and _is_zero(d_codebook) and _is_zero(d_tensor_scale)):
-        _, d_wt = _dequantize_jvp(
-            (packed, scales, codebook, tensor_scale),
-            (d_packed, d_scales, d_codebook, d_tensor_scale),
-            k=k,
-            scale_format=scale_format,
-            d=d,
-            dtype=np.dtype(np.float32),
-        )
-        part = lax.dot_general(
-            x[..., :d].astype(jnp.float32),
-            d_wt,
-            (((x.ndim - 1,), (1,)), ((), ())),
-            precision=lax.Precision.HIGHEST,
-        )
-        terms.append(part.astype(x.dtype))
-    if not terms:
-        return y, ad.Zero.from_primal_value(y)
-    return y, terms[0] if len(terms) == 1 else terms[0] + terms[1]
+        x, packed, scales, codebook, tensor_scale = primals
+        dx, d_packed, d_scales, d_codebook, d_tensor_scale = tangents
+        params = dict(k=k, scale_format=scale_format, d=d)
+        y = prim.bind(*primals, **params)
+        terms = []
+        if not _is_zero(dx):
+            terms.append(prim.bind(dx, packed, scales, codebook, tensor_scale, **params))
+        if not (_is_zero(d_scales) and _is_zero(d_codebook) and _is_zero(d_tensor_scale)):
+            _, d_wt = _dequantize_jvp(
+                (packed, scales, codebook, tensor_scale),
+                (d_packed, d_scales, d_codebook, d_tensor_scale),
+                k=k,
+                scale_format=scale_format,
+                d=d,
+                dtype=np.dtype(np.float32),
+            )
+            if transposed:  # g @ dW^T, padded like y
+                part = lax.dot_general(
+                    x.astype(jnp.float32),
+                    d_wt,
+                    (((x.ndim - 1,), (0,)), ((), ())),
+                    precision=lax.Precision.HIGHEST,
+                )
+                pad = y.shape[-1] - d
+                if pad:
+                    part = jnp.pad(part, [(0, 0)] * (part.ndim - 1) + [(0, pad)])
+            else:  # x @ dW
+                part = lax.dot_general(
+                    x[..., :d].astype(jnp.float32),
+                    d_wt,
+                    (((x.ndim - 1,), (1,)), ((), ())),
+                    precision=lax.Precision.HIGHEST,
+                )
+            terms.append(part.astype(x.dtype))
+        if not terms:
+            return y, ad.Zero.from_primal_value(y)
+        return y, terms[0] if len(terms) == 1 else terms[0] + terms[1]
 
-
-def _transpose(ct, x, packed, scales, codebook, tensor_scale, *, k: int, scale_format: str, d: int):
-    if not ad.is_undefined_primal(x) or any(
-        ad.is_undefined_primal(a) for a in (packed, scales, codebook, tensor_scale)
-    ):
-        raise NotImplementedError("kbit_matmul is linear in x only")
-    if _is_zero(ct):
-        return [ad.Zero(x.aval), None, None, None, None]
-    dtype = x.aval.dtype
-    wt = dequantize_p.bind(
-        packed, scales, codebook, tensor_scale, k=k, scale_format=scale_format, d=d, dtype=dtype
-    )
-    g = lax.dot_general(
-        ct.astype(dtype),
-        wt,
-        (((ct.ndim - 1,), (0,)), ((), ())),
-        precision=lax.Precision.HIGHEST,
-        preferred_element_type=jnp.float32,
-    ).astype(dtype)
-    pad = x.aval.shape[-1] - d
-    if pad:
-        g = jnp.pad(g, [(0, 0)] * (g.ndim - 1) + [(0, pad)])
-    return [g, None, None, None, None]
+    return jvp
 
 
-ad.primitive_jvps[matmul_p] = _jvp
-ad.primitive_transposes[matmul_p] = _transpose
+def _transpose_rule(other):
+    """Both products are linear in their first operand; each one's transpose is the other product."""
+
+    def transpose(ct, x, packed, scales, codebook, tensor_scale, *, k: int, scale_format: str, d: int):
+        if not ad.is_undefined_primal(x) or any(
+            ad.is_undefined_primal(a) for a in (packed, scales, codebook, tensor_scale)
+        ):
+            raise NotImplementedError("kbit_matmul is linear in x only")
+        if _is_zero(ct):
+            return [ad.Zero(x.aval), None, None, None, None]
+        ct = ct.astype(x.aval.dtype)
+        pad = ct.shape[-1] - d if other is matmul_p else 0
+        if pad:  # the padding of y = g @ W^T is zero whatever W's padded codes hold: no gradient flows there
+            ct = jnp.pad(ct[..., :d], [(0, 0)] * (ct.ndim - 1) + [(0, pad)])
+        g = other.bind(ct, packed, scales, codebook, tensor_scale, k=k, scale_format=scale_format, d=d)
+        return [g, None, None, None, None]
+
+    return transpose
+
+
+ad.primitive_jvps[matmul_p] = _jvp_rule(matmul_p, transposed=False)
+ad.primitive_jvps[matmul_t_p] = _jvp_rule(matmul_t_p, transposed=True)
+ad.primitive_transposes[matmul_p] = _transpose_rule(matmul_t_p)
+ad.primitive_transposes[matmul_t_p] = _transpose_rule(matmul_p)
 
 
 # ---------------------------------------------------------------- public API
@@ -218,18 +290,21 @@ def quantize_matrix(
     )
 
 
-def matmul(x: Any, w: QuantizedMatrix) -> jax.Array:
-    """``x @ W`` for a k-bit weight ``W`` ``[in, out]``, read from its codes without materialising it.
+def matmul(x: Any, w: QuantizedMatrix, *, transpose: bool = False) -> jax.Array:
+    """``x @ W`` (or ``x @ W.T``) for a k-bit weight ``W`` ``[in, out]``, read from its codes.
 
     Args:
-      x: float16, bfloat16 or float32 array ``[..., in]``.
+      x: float16, bfloat16 or float32 array ``[..., in]`` (``[..., out]`` with ``transpose=True``).
       w: a ``QuantizedMatrix`` of logical shape ``[in, out]`` (from ``quantize_matrix``).
+      transpose: multiply by ``W.T`` instead: ``[..., out] -> [..., in]``, the product the backward pass
+        of ``x @ W`` needs for ``x`` (``jax.grad`` through ``matmul`` uses it by itself).
 
     Returns:
-      ``[..., out]`` in ``x``'s dtype, accumulated in float32. On a GPU with float16 / bfloat16 ``x`` and at
-      most ``FUSED_MAX_ROWS`` rows the codebook values enter the tensor cores in ``x``'s dtype (the block
-      scales are applied in float32), so the result is as close to ``x @ dequantize(W)`` as a 16-bit
-      matrix product is (docs/MATMUL.md).
+      ``[..., out]`` (``[..., in]``) in ``x``'s dtype, accumulated in float32. With at most
+      ``FUSED_MAX_ROWS`` rows (and float16 / bfloat16 ``x`` on a GPU) the fused kernels run, with no
+      dequantized weight in memory; otherwise ``dequantize`` + ``dot_general``. On a GPU the codebook
+      values enter the tensor cores in ``x``'s dtype, so the result is as close to ``x @ dequantize(W)``
+      as a 16-bit matrix product is (docs/MATMUL.md).
     """
     if isinstance(w, QuantizedArray):
         raise TypeError(
@@ -239,6 +314,8 @@ def matmul(x: Any, w: QuantizedMatrix) -> jax.Array:
         )
     if not isinstance(w, QuantizedMatrix):
         raise TypeError(f"w must be a QuantizedMatrix, got {type(w).__name__}")
+    if not isinstance(transpose, (bool, np.bool_)):
+        raise TypeError(f"transpose must be a bool, got {type(transpose).__name__}")
     if not hasattr(x, "dtype") or not hasattr(x, "shape"):
         raise TypeError(f"x must be a jax or NumPy array, got {type(x).__name__}")
     _check_float_dtype(x.dtype, "x")
@@ -251,21 +328,23 @@ def matmul(x: Any, w: QuantizedMatrix) -> jax.Array:
             "lax.scan / jax.vmap over it)"
         )
     d = t.d
-    if len(x.shape) < 1 or x.shape[-1] != d:
+    want = w.shape[1] if transpose else d
+    if len(x.shape) < 1 or x.shape[-1] != want:
         raise ValueError(
-            f"x must have shape [..., {d}] to multiply w of shape {w.shape}, got {tuple(x.shape)}"
+            f"x must have shape [..., {want}] to multiply w{'.T' if transpose else ''} of shape "
+            f"{w.shape[::-1] if transpose else w.shape}, got {tuple(x.shape)}"
         )
     x = jnp.asarray(x)
-    pad = num_blocks(d) * BLOCK - d
-    if pad:
-        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
-    return matmul_p.bind(
-        x,
+    operands = (
         jnp.asarray(t.packed),
         jnp.asarray(t.scales),
         jnp.asarray(t.codebook),
         jnp.asarray(t.tensor_scale),
-        k=k,
-        scale_format=scale_format,
-        d=d,
     )
+    if transpose:
+        y = matmul_t_p.bind(x, *operands, k=k, scale_format=scale_format, d=d)
+        return y[..., :d] if y.shape[-1] != d else y
+    pad = num_blocks(d) * BLOCK - d
+    if pad:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+    return matmul_p.bind(x, *operands, k=k, scale_format=scale_format, d=d)

@@ -125,6 +125,11 @@ def _decode(sharding: Any, mesh: Mesh | None, ndim: int) -> tuple[Mesh, list[Ent
     return _replicated_mesh(sharding), [None] * ndim
 
 
+def _names(e: Entry) -> tuple:
+    """The mesh axis names of a spec entry."""
+    return () if e is None else (e if isinstance(e, tuple) else (e,))
+
+
 def _merge(primary: list[Entry], secondary: list[Entry] | None) -> list[Entry]:
     """``primary``'s entries, plus ``secondary``'s on the dims ``primary`` leaves replicated.
 
@@ -136,14 +141,11 @@ def _merge(primary: list[Entry], secondary: list[Entry] | None) -> list[Entry]:
     if secondary is None:
         return primary
 
-    def names(e: Entry) -> tuple:
-        return () if e is None else (e if isinstance(e, tuple) else (e,))
-
-    used = {n for e in primary for n in names(e)}
+    used = {n for e in primary for n in _names(e)}
     out = []
     for p, q in zip(primary, secondary):
-        if p is None and q is not None and not used & set(names(q)):
-            used |= set(names(q))
+        if p is None and q is not None and not used & set(_names(q)):
+            used |= set(_names(q))
             p = q
         out.append(p)
     return out
@@ -264,6 +266,67 @@ def _dequantize_call(prim, lead: tuple[int, ...], d: int, g: int, k: int, scale_
     return call
 
 
+def _matmul_rule(lead_rank: int) -> SdyShardingRule:
+    """Shardy rule for ``y = x @ W``: batch dims ``l*`` and the output features ``o`` may be sharded; the
+    reduction (``x``'s padded last axis ``xi``, ``packed`` / ``scales``' blocks ``nb``) stays whole."""
+    lead = tuple(f"l{i}" for i in range(lead_rank))
+    operands = (
+        ArrayMapping(*lead, "xi"),
+        ArrayMapping("o", "nb", "kb"),
+        ArrayMapping("o", "nb"),
+        ArrayMapping("cb"),
+        ArrayMapping(),
+    )
+    results = (ArrayMapping(*lead, "o"),)
+    return SdyShardingRule(operands, results, need_replication_factors=("xi", "nb", "kb", "cb"))
+
+
+@functools.lru_cache(maxsize=512)
+def _matmul_call(prim, lead: tuple[int, ...], n_out: int, k: int, scale_format: str, d: int):
+    r = len(lead)
+
+    def per_shard(x, packed, scales, codebook, tensor_scale):
+        return prim.bind(x, packed, scales, codebook, tensor_scale, k=k, scale_format=scale_format, d=d)
+
+    def layout(mesh, arg_shapes, y=None):
+        mesh, x_entries = _decode(arg_shapes[0].sharding, mesh, r + 1)
+        w_mesh, w_entries = _decode(arg_shapes[1].sharding, mesh, 3)
+        out = w_entries[0] if w_mesh == mesh else None
+        entries = _merge([*x_entries[:r], out], _result_entries(y, mesh, r + 1, r + 1))
+        lead_entries, out = entries[:r], entries[r]
+        lead_entries = [
+            e if e is not None and size % _ways(mesh.shape, e) == 0 else None
+            for e, size in zip(lead_entries, lead)
+        ]
+        used = {n for e in lead_entries for n in _names(e)}
+        if out is not None and (used & set(_names(out)) or n_out % _ways(mesh.shape, out) != 0):
+            out = None
+        return mesh, (
+            _named(mesh, [*lead_entries, None]),
+            _named(mesh, [out, None, None]),
+            _named(mesh, [out, None]),
+            _named(mesh, [None]),
+            _named(mesh, []),
+            _named(mesh, [*lead_entries, out]),
+        )
+
+    def partition(mesh, arg_shapes, result_shape):
+        mesh, (*args_s, y_s) = layout(mesh, arg_shapes, result_shape)
+        return mesh, per_shard, y_s, tuple(args_s)
+
+    def infer(mesh, arg_shapes, result_shape):
+        return layout(mesh, arg_shapes)[1][-1]
+
+    call = custom_partitioning(per_shard)
+    call.def_partition(
+        partition,
+        infer_sharding_from_operands=infer,
+        decode_shardings=False,
+        sharding_rule=_matmul_rule(r),
+    )
+    return call
+
+
 # ---------------------------------------------------------------- lowering
 
 
@@ -298,7 +361,13 @@ def wants_partitioning(ctx: mlir.LoweringRuleContext) -> bool:
 
 
 def lower(prim, ctx: mlir.LoweringRuleContext, *args, **params):
-    """Lowers one quantize or dequantize call as a custom-partitioned call (see the module docstring)."""
+    """Lowers one quantize, dequantize or matmul call as a custom-partitioned call (module docstring)."""
+    if prim.name == "kbit_matmul":
+        x, packed = ctx.avals_in[:2]
+        call = _matmul_call(
+            prim, tuple(x.shape[:-1]), int(packed.shape[0]), params["k"], params["scale_format"], params["d"]
+        )
+        return mlir.lower_fun(lambda *a: [call(*a)], multiple_results=True)(ctx, *args)
     if prim.multiple_results:  # quantize
         x, codebook = ctx.avals_in[:2]
         lead, d, g = tuple(x.shape[:-1]), int(x.shape[-1]), codebook.ndim - 1
@@ -319,7 +388,9 @@ def quantized_sharding(sharding: jax.sharding.Sharding, q: Any):
     Args:
       sharding: a sharding of the original (dequantized) array, shape ``q.shape``. A ``NamedSharding``
         is mapped dim by dim; any other sharding gives replicated leaves on its devices.
-      q: the ``QuantizedArray`` (or one from ``jax.eval_shape``) whose leaves the shardings are for.
+      q: the ``QuantizedArray`` (or one from ``jax.eval_shape``) whose leaves the shardings are for, or a
+        ``QuantizedMatrix``: then ``sharding`` is that of ``W`` ``[..., in, out]``, and the result a
+        ``QuantizedMatrix`` of shardings (``P(None, "x")`` shards ``out``, what ``matmul`` runs on locally).
 
     Returns:
       A ``QuantizedArray`` with the same static metadata as ``q`` whose leaves are ``NamedSharding``s:
@@ -330,9 +401,17 @@ def quantized_sharding(sharding: jax.sharding.Sharding, q: Any):
       ``jax.device_put(q, ...)`` or use it as ``out_shardings`` / ``in_shardings``.
     """
     from jax_kbit.quantized_array import QuantizedArray
+    from jax_kbit.quantized_matrix import QuantizedMatrix
 
+    if isinstance(q, QuantizedMatrix):
+        # ``sharding`` is W's ([..., in, out]); the stored array is W^T's, so the last two entries swap.
+        if isinstance(sharding, NamedSharding):
+            entries = _entries(sharding, q.ndim)
+            entries[-2], entries[-1] = entries[-1], entries[-2]
+            sharding = NamedSharding(sharding.mesh, PartitionSpec(*entries))
+        return QuantizedMatrix.tree_unflatten(None, [quantized_sharding(sharding, q.t)])
     if not isinstance(q, QuantizedArray):
-        raise TypeError(f"q must be a QuantizedArray, got {type(q).__name__}")
+        raise TypeError(f"q must be a QuantizedArray or QuantizedMatrix, got {type(q).__name__}")
     lead = tuple(q.packed.shape[:-2])
     g = len(q.codebook.shape) - 1
     nb = int(q.packed.shape[-2])

@@ -6,6 +6,8 @@ measured as ||y - ref|| / ||ref|| (docs/MATMUL.md says what to expect per dtype)
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -233,6 +235,81 @@ def test_quantized_matrix_is_format_v1_of_the_transpose(rng):
     assert "QuantizedMatrix(shape=(70, 45)" in repr(q)
 
 
+# ---------------------------------------------------------------- the transposed product g @ W.T
+
+
+def check_t(g, q, device, msg=""):
+    y = jax.jit(lambda g, q: jk.matmul(g, q, transpose=True))(
+        jax.device_put(g, device), jax.device_put(q, device)
+    )
+    assert y.dtype == g.dtype and y.shape == g.shape[:-1] + (q.shape[0],), (y.dtype, y.shape)
+    ref = np.asarray(g, np.float64) @ weight_ref(q).T
+    err = rel_err(y, ref)
+    assert err < TOL[np.dtype(g.dtype)], f"relative error {err:.2e} {msg}"
+    return np.asarray(y)
+
+
+def make_t(rng, m, din, dout, k, dtype, scale_format="e4m4", lead=()):
+    x, q = make(rng, m, din, dout, k, dtype, scale_format, lead)
+    g = rng.standard_normal(lead + (m, dout)).astype(dtype)
+    return g, q
+
+
+@pytest.mark.parametrize("m", (1, 7, 17, 40))
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, BF16], ids=dtype_id)
+@pytest.mark.parametrize("k", KS)
+def test_cpu_transposed_matches_reference(rng, k, dtype, m):
+    for din, dout in ((96, 40), (100, 33), (31, 1)):
+        g, q = make_t(rng, m, din, dout, k, dtype)
+        check_t(g, q, CPU, f"k={k} m={m} in={din} out={dout} {rng}")
+
+
+def test_transposed_kernel_selection_and_zero_padding(rng):
+    from jax_kbit.matmul import matmul_t_p
+
+    # The default K = 2 codebook has no zero, so padded codes decode to non-zeros: the kernel must not use them.
+    q = jk.quantize_matrix(jnp.asarray(rng.standard_normal((50, 20)).astype(np.float32)), 2)
+    t = q.t
+    for m in (1, FUSED_MAX_ROWS, FUSED_MAX_ROWS + 1):
+        g = jnp.asarray(rng.standard_normal((m, 20)).astype(np.float32))
+        text = jax.jit(lambda g: jk.matmul(g, q, transpose=True)).lower(g).as_text()
+        assert ("kbit_matmul_t" in text) == (m <= FUSED_MAX_ROWS), m
+        y = matmul_t_p.bind(
+            g, t.packed, t.scales, t.codebook, t.tensor_scale, k=t.k, scale_format=t.scale_format, d=t.d
+        )
+        assert y.shape == (m, 64)
+        np.testing.assert_array_equal(np.asarray(y[:, 50:]), 0)
+        assert rel_err(y[:, :50], np.asarray(g, np.float64) @ weight_ref(q).T) < 2e-6
+
+
+def test_grad_uses_the_transposed_kernel(rng):
+    x, q = make(rng, 3, 100, 33, 4, np.float32)
+    f = jax.jit(jax.grad(lambda x: jnp.sum(jk.matmul(x, q) ** 2)))
+    assert "kbit_matmul_t" in f.lower(jnp.asarray(x)).as_text()
+    # ... and the transposed product differentiates back through the forward kernel.
+    g = jnp.asarray(rng.standard_normal((3, 33)).astype(np.float32))
+    h = jax.jit(jax.grad(lambda g: jnp.sum(jnp.sin(jk.matmul(g, q, transpose=True)))))
+    assert re.search(r"@kbit_matmul\(", h.lower(g).as_text())
+    wref = weight_ref(q)
+    expect = np.cos(np.asarray(g, np.float64) @ wref.T) @ wref
+    assert rel_err(h(g), expect) < 1e-5
+    # Forward mode through the transposed product, and a second derivative through both products.
+    _, tangent = jax.jvp(lambda g: jk.matmul(g, q, transpose=True), (g,), (g,))
+    assert rel_err(tangent, np.asarray(g, np.float64) @ wref.T) < 2e-6
+    hess_vec = jax.grad(lambda x: jnp.sum(jax.grad(lambda x: jnp.sum(jk.matmul(x, q) ** 2))(x)))(
+        jnp.asarray(x)
+    )
+    assert rel_err(hess_vec, 2 * np.ones((3, 100)) @ (wref @ wref.T)) < 1e-5
+
+
+def test_transposed_bad_input(rng):
+    q = jk.quantize_matrix(jnp.asarray(rng.standard_normal((64, 16)).astype(np.float32)), 4)
+    with pytest.raises(ValueError, match=r"x must have shape \[\.\.\., 16\]"):
+        jk.matmul(jnp.ones((2, 64), jnp.float32), q, transpose=True)
+    with pytest.raises(TypeError, match="transpose must be a bool"):
+        jk.matmul(jnp.ones((2, 64), jnp.float32), q, transpose="yes")
+
+
 # ---------------------------------------------------------------- GPU: the fused kernel
 
 
@@ -272,3 +349,54 @@ def test_gpu_transforms_and_grad(rng):
         )(xf)
         expect = 2 * (np.asarray(xf, np.float64) @ wref) @ wref.T
         assert rel_err(g, expect) < 3e-2
+
+
+@pytest.mark.parametrize("m", (1, 2, 7, 16, 17, 32, 64))
+@pytest.mark.parametrize("dtype", [np.float16, BF16, np.float32], ids=dtype_id)
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU is None or not jk.cuda_built(), reason="needs a CUDA GPU and the CUDA build")
+def test_gpu_transposed_matches_reference(rng, k, dtype, m):
+    # (1000, 300): partial steps of 16 rows; (64, 8192): a split reduction; (100, 33): zero padding past d.
+    for din, dout in ((96, 40), (100, 33), (1000, 300), (64, 8192)):
+        g, q = make_t(rng, m, din, dout, k, dtype)
+        check_t(g, q, GPU, f"k={k} m={m} in={din} out={dout} {rng}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU is None or not jk.cuda_built(), reason="needs a CUDA GPU and the CUDA build")
+def test_gpu_transposed_padding_nonfinite_and_deterministic(rng):
+    from jax_kbit.matmul import matmul_t_p
+
+    w = rng.standard_normal((50, 3000)).astype(np.float32)
+    w[40, 7] = np.nan  # block 1 of stored row 7
+    q = jk.quantize_matrix(jnp.asarray(w), 2)
+    t = jax.device_put(q.t, GPU)
+    g = rng.standard_normal((5, 3000)).astype(np.float32)
+    g[:, 7] = 0.0
+    for dtype in (np.float16, BF16):
+        gg = jax.device_put(g.astype(dtype), GPU)
+        f = jax.jit(
+            lambda g: matmul_t_p.bind(
+                g, t.packed, t.scales, t.codebook, t.tensor_scale, k=2, scale_format="e4m4", d=50
+            )
+        )
+        y = np.asarray(f(gg)).astype(np.float32)
+        assert y.shape == (5, 64)
+        np.testing.assert_array_equal(y[:, 50:], 0)  # padding: zeros although the K = 2 codebook has none
+        assert np.isnan(y[:, 32:50]).all() and np.isfinite(y[:, :32]).all()  # NaN block times 0 is NaN
+        again = np.asarray(f(gg)).astype(np.float32)
+        np.testing.assert_array_equal(y.view(np.uint32), again.view(np.uint32))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU is None or not jk.cuda_built(), reason="needs a CUDA GPU and the CUDA build")
+def test_gpu_grad_runs_the_transposed_kernel(rng):
+    x, q = make(rng, 4, 512, 384, 3, BF16)
+    with jax.default_device(GPU):
+        f = jax.jit(jax.grad(lambda x: jnp.sum(jk.matmul(x, q).astype(jnp.float32) ** 2)))
+        assert "kbit_matmul_t" in f.lower(jnp.asarray(x)).compile().as_text()
+        gx = f(jnp.asarray(x))
+    wref = weight_ref(q)
+    y = np.asarray(x, np.float64) @ wref
+    assert rel_err(gx, 2 * y @ wref.T) < 3e-2

@@ -575,6 +575,63 @@ def _(platform):
     assert_no_data_collectives(call.lower(xs).compile(), "exported shard_map")
 
 
+# ---------------------------------------------------------------- fused matmul
+
+
+def check_matmul(platform, mesh, x_spec, w_spec, lead, rows, din, dout, dtype=BF16, k=4) -> None:
+    """jit(matmul) with ``x`` [*lead, rows, din] and ``W`` [din, dout] sharded as given (``w_spec`` is W's
+    spec, mapped to the stored W^T by ``quantized_sharding``): the result is sharded
+    along the batch dims of x and the `out` axis of W, no data moves between devices, each device's kernel
+    computes its shard, and the values match the unsharded product (bit for bit on the CPU, whose handler
+    computes each output element on its own; on a GPU the split of the reduction depends on the shard
+    width, so to float32-summation accuracy)."""
+    what = f"{dict(mesh.shape)} x{x_spec} w{w_spec} {dtype.__name__ if hasattr(dtype, '__name__') else dtype}"
+    x = data((*lead, rows, din), dtype, seed=din)
+    w = data((din, dout), np.float32, seed=dout) * np.float32(0.05)
+    one = devices(platform)[0]
+    q1 = jax.jit(lambda w: jk.quantize_matrix(w, k))(jax.device_put(w, one))
+    want = np.asarray(jax.jit(jk.matmul)(jax.device_put(x, one), q1)).astype(np.float64)
+    qs = jax.device_put(q1, quantized_sharding(NamedSharding(mesh, w_spec), q1))
+    xs = jax.device_put(x, NamedSharding(mesh, x_spec))
+    f = jax.jit(jk.matmul)
+    y = f(xs, qs)
+    if platform == "cpu":
+        assert_bits(y, want.astype(y.dtype), "matmul " + what)
+    else:
+        err = np.linalg.norm(np.asarray(y, np.float64) - want) / np.linalg.norm(want)
+        assert err < 1e-2, f"matmul {what}: relative difference {err:.2e} from the unsharded product"
+    out_entry = list(w_spec)[1] if len(w_spec) > 1 else None
+    x_entries = (list(x_spec) + [None] * (len(lead) + 2))[: len(lead) + 1]
+    want_sharding = NamedSharding(mesh, P(*x_entries, out_entry))
+    assert_sharded_like(y, want_sharding, "matmul " + what)
+    compiled = f.lower(xs, qs).compile()
+    assert_no_data_collectives(compiled, "matmul " + what, max_reduced=0)
+    assert_kernel_runs_on_shard(compiled, "kbit_matmul", y, "matmul " + what)
+
+
+@case("matmul-out-sharded")
+def _(platform):
+    """Tensor-parallel decode: x replicated, W sharded along `out` (W^T's rows)."""
+    mesh = make_mesh(platform, "rows")
+    check_matmul(platform, mesh, P(), P(None, "b"), (), 1, 256, 16 * len(devices(platform)))
+    check_matmul(platform, mesh, P(), P(None, "b"), (), 5, 300, 64, dtype=np.float32, k=3)
+
+
+@case("matmul-batch-and-out")
+def _(platform):
+    """x sharded along a batch dim and W along `out` on the other mesh axis."""
+    mesh = any_mesh(platform)
+    check_matmul(platform, mesh, P("a", None, None), P(None, "b"), (2,), 4, 128, 48, dtype=np.float16, k=5)
+
+
+@case("matmul-batch-sharded")
+def _(platform):
+    """x sharded along its rows, W replicated: every device multiplies its rows by the whole W."""
+    mesh = make_mesh(platform, "cols")
+    n = len(devices(platform))
+    check_matmul(platform, mesh, P("a", None), P(), (), 2 * n, 96, 40, k=2)
+
+
 def worker(platform: str) -> int:
     """Runs every case; prints {case: null | 'skip: reason' | traceback} on one marked line."""
     results: dict[str, str | None] = {}
