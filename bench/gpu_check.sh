@@ -3,7 +3,8 @@
 #   bash bench/gpu_check.sh                 every step below (full benchmark sizes)
 #   QUICK=1 bash bench/gpu_check.sh         shorter benchmarks (fits a small device budget)
 #   bash bench/gpu_check.sh tests sharded   only these steps (after the build)
-# Steps: tests (every `gpu`-marked test, all GPUs of the machine for the sharding ones), matmul (fused matmul
+# Steps: shard_tests (tests/test_sharding.py on every GPU of the machine), tests (every other `gpu`-marked
+# test), matmul (fused matmul
 # benchmark), decode (Llama-shaped decode tokens/s), sharded (sharded benchmark over all GPUs), bench
 # (quantize/dequantize benchmark), sanitize (compute-sanitizer memcheck + racecheck), selfcheck, cpu (the CPU
 # suite on this machine's jax), ncu (profile of the quantize/dequantize kernels).
@@ -21,7 +22,7 @@ deadline=${DEADLINE:-100000}
 export PYTHONUNBUFFERED=1
 quick=${QUICK:-}
 steps="$*"
-[ -n "$steps" ] || steps="tests matmul decode sharded bench sanitize selfcheck cpu ncu"
+[ -n "$steps" ] || steps="shard_tests tests matmul decode sharded bench sanitize selfcheck cpu ncu"
 status=0
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%MZ)  commit: $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
@@ -52,7 +53,9 @@ step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, print the tail
 for s in $steps; do
   if [ $SECONDS -gt "$deadline" ]; then echo "skipped $s: past DEADLINE=$deadline s"; status=1; continue; fi
   case $s in
-    tests) TAIL=12 step gpu_tests python3 -m pytest -q -p no:cacheprovider -m gpu "$repo/tests" ;;
+    tests) TAIL=12 step gpu_tests python3 -m pytest -q -p no:cacheprovider -m gpu "$repo/tests" \
+      --deselect "$repo/tests/test_sharding.py" ;;
+    shard_tests) TAIL=8 step shard_tests python3 -m pytest -q -p no:cacheprovider -m gpu "$repo/tests/test_sharding.py" ;;
     matmul) TAIL=70 step bench_matmul python3 "$repo/bench/bench_matmul.py" --out "$OUT" ${quick:+--quick} ;;
     decode) [ -f "$repo/bench/bench_decode.py" ] && step bench_decode python3 "$repo/bench/bench_decode.py" --out "$OUT" ${quick:+--quick} ;;
     sharded) TAIL=20 step bench_sharded python3 "$repo/bench/bench_sharded.py" --out "$OUT" ${quick:+--ks 4} ;;
