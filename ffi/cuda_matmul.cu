@@ -56,7 +56,7 @@ __device__ __forceinline__ uint32_t pair_value(const uint32_t* table, uint32_t p
 }
 
 template <int K>
-constexpr int table_bytes() {
+__host__ __device__ constexpr int table_bytes() {
   return K <= 4 ? (1 << (2 * K)) * 32 * 4 : 0;
 }
 
@@ -66,6 +66,110 @@ __device__ __forceinline__ uint32_t lookup(uint32_t entry, uint32_t e, int q) {
 }
 
 __device__ __forceinline__ uint32_t pack(uint32_t lo, uint32_t hi) { return __byte_perm(lo, hi, 0x5410); }
+
+// The pair table (K <= 4) at the start of shared memory: entry i holds the 16-bit codebook values of the pair
+// of codes whose bits interleave in i, replicated in words 32 i .. 32 i + 31 (see pair_value).
+template <bool kBf16, int K>
+__device__ __forceinline__ void build_pair_table(const float* __restrict__ codebook, uint4* smem) {
+  if constexpr (K <= 4) {
+    for (int i = threadIdx.x; i < (1 << (2 * K)); i += kMmThreads) {
+      int c0 = 0, c1 = 0;
+#pragma unroll
+      for (int j = 0; j < K; ++j) {
+        c0 |= ((i >> (2 * j)) & 1) << j;
+        c1 |= ((i >> (2 * j + 1)) & 1) << j;
+      }
+      const uint32_t v =
+          to_16<kBf16>(codebook[c0]) | (static_cast<uint32_t>(to_16<kBf16>(codebook[c1])) << 16);
+#pragma unroll
+      for (int r = 0; r < 8; ++r) smem[i * 8 + r] = make_uint4(v, v, v, v);
+    }
+    __syncthreads();
+  }
+}
+
+// One block (32 terms of the reduction) of rows r0 = tile + g and r1 = r0 + 8 for every row tile of x:
+// the A fragments rebuilt from the K words of each row, the tensor-core products, and the block's float32
+// partial sums scaled into acc. Rows past n_out (v0 / v1 false) get scale 0: their products are finite
+// (codebook values times x) and never stored.
+template <bool kBf16, int K, int MT>
+__device__ __forceinline__ void block_step(ScaleFormat fmt, const uint32_t (&w0)[K], const uint32_t (&w1)[K],
+                                           uint32_t st0, uint32_t st1, bool v0, bool v1, float t,
+                                           uint32_t entry, const uint32_t* table,
+                                           const uint32_t* __restrict__ x32, int64_t ldx, int64_t m_rows,
+                                           int64_t b, int lane, float (&acc)[MT][4]) {
+  constexpr bool kTable = K <= 4;
+  const int g = lane >> 2;
+  const int c = lane & 3;
+  const float s0 = v0 ? decode_scale(fmt, st0, t) : 0.0f;
+  const float s1 = v1 ? decode_scale(fmt, st1, t) : 0.0f;
+  uint32_t e00 = 0, e01 = 0, e10 = 0, e11 = 0;
+  if constexpr (kTable) {
+    e00 = pair_index<K>(w0, c);
+    e10 = pair_index<K>(w1, c);
+  } else {
+    spread_codes<K>(w0, c, e00, e01);
+    spread_codes<K>(w1, c, e10, e11);
+  }
+  float part[MT][4];
+#pragma unroll
+  for (int i = 0; i < MT; ++i) part[i][0] = part[i][1] = part[i][2] = part[i][3] = 0.0f;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    uint32_t a[4];
+    if constexpr (kTable) {
+      a[0] = pair_value(table, e00, 2 * h, lane);      // row g, k 2c, 2c+1
+      a[1] = pair_value(table, e10, 2 * h, lane);      // row g+8
+      a[2] = pair_value(table, e00, 2 * h + 1, lane);  // row g, k 2c+8, 2c+9
+      a[3] = pair_value(table, e10, 2 * h + 1, lane);  // row g+8
+    } else {
+      a[0] = pack(lookup(entry, e00, 2 * h), lookup(entry, e01, 2 * h));
+      a[1] = pack(lookup(entry, e10, 2 * h), lookup(entry, e11, 2 * h));
+      a[2] = pack(lookup(entry, e00, 2 * h + 1), lookup(entry, e01, 2 * h + 1));
+      a[3] = pack(lookup(entry, e10, 2 * h + 1), lookup(entry, e11, 2 * h + 1));
+    }
+    const int64_t kk = b * kBlock + 16 * h + 2 * c;  // even: a pair of 16-bit x values is one word
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+      const int64_t m = 8 * i + g;
+      uint32_t xb0 = 0, xb1 = 0;
+      if (m < m_rows) {
+        xb0 = x32[(m * ldx + kk) >> 1];
+        xb1 = x32[(m * ldx + kk + 8) >> 1];
+      }
+      mma_16816<kBf16>(part[i], a, xb0, xb1);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < MT; ++i) {
+    acc[i][0] = __fmaf_rn(s0, part[i][0], acc[i][0]);
+    acc[i][1] = __fmaf_rn(s0, part[i][1], acc[i][1]);
+    acc[i][2] = __fmaf_rn(s1, part[i][2], acc[i][2]);
+    acc[i][3] = __fmaf_rn(s1, part[i][3], acc[i][3]);
+  }
+}
+
+// acc[i]: (row r0, x rows 8i + 2c, 8i + 2c + 1) and (row r1, the same x rows), stored or written as one
+// split's partial sums.
+template <bool kBf16, int MT>
+__device__ __forceinline__ void store_tile(const float (&acc)[MT][4], int64_t r0, int64_t r1, int c,
+                                           int64_t m_rows, int64_t n_out, int64_t splits, int64_t split,
+                                           float* __restrict__ partial, uint16_t* __restrict__ out) {
+#pragma unroll
+  for (int i = 0; i < MT; ++i) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t m = 8 * i + 2 * c + (e & 1);
+      const int64_t r = e < 2 ? r0 : r1;
+      if (m >= m_rows || r >= n_out) continue;
+      if (splits == 1) {
+        out[m * n_out + r] = to_16<kBf16>(acc[i][e]);
+      } else {
+        partial[(split * m_rows + m) * n_out + r] = acc[i][e];
+      }
+    }
+  }
+}
 
 // One work item of one warp: output rows [16 * tile, 16 * tile + 16), blocks [split * per_split, ...),
 // MT tiles of 8 rows of x.
@@ -126,70 +230,199 @@ __device__ __forceinline__ void matmul_item(ScaleFormat fmt, const uint32_t* __r
     for (int u = 0; u < kChunk; ++u) {
       const int64_t b = b0 + u;
       if (b >= end) break;  // uniform across the warp
-      // Rows past n_out get scale 0: their products are finite (zero codes times x) and never stored.
-      const float s0 = v0 ? decode_scale(fmt, st0[u], t) : 0.0f;
-      const float s1 = v1 ? decode_scale(fmt, st1[u], t) : 0.0f;
-      uint32_t e00 = 0, e01 = 0, e10 = 0, e11 = 0;
-      if constexpr (kTable) {
-        e00 = pair_index<K>(w0[u], c);
-        e10 = pair_index<K>(w1[u], c);
-      } else {
-        spread_codes<K>(w0[u], c, e00, e01);
-        spread_codes<K>(w1[u], c, e10, e11);
-      }
-      float part[MT][4];
-#pragma unroll
-      for (int i = 0; i < MT; ++i) part[i][0] = part[i][1] = part[i][2] = part[i][3] = 0.0f;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        uint32_t a[4];
-        if constexpr (kTable) {
-          a[0] = pair_value(table, e00, 2 * h, lane);      // row g, k 2c, 2c+1
-          a[1] = pair_value(table, e10, 2 * h, lane);      // row g+8
-          a[2] = pair_value(table, e00, 2 * h + 1, lane);  // row g, k 2c+8, 2c+9
-          a[3] = pair_value(table, e10, 2 * h + 1, lane);  // row g+8
-        } else {
-          a[0] = pack(lookup(entry, e00, 2 * h), lookup(entry, e01, 2 * h));
-          a[1] = pack(lookup(entry, e10, 2 * h), lookup(entry, e11, 2 * h));
-          a[2] = pack(lookup(entry, e00, 2 * h + 1), lookup(entry, e01, 2 * h + 1));
-          a[3] = pack(lookup(entry, e10, 2 * h + 1), lookup(entry, e11, 2 * h + 1));
-        }
-        const int64_t kk = b * kBlock + 16 * h + 2 * c;  // even: a pair of 16-bit x values is one word
-#pragma unroll
-        for (int i = 0; i < MT; ++i) {
-          const int64_t m = 8 * i + g;
-          uint32_t xb0 = 0, xb1 = 0;
-          if (m < m_rows) {
-            xb0 = x32[(m * ldx + kk) >> 1];
-            xb1 = x32[(m * ldx + kk + 8) >> 1];
-          }
-          mma_16816<kBf16>(part[i], a, xb0, xb1);
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < MT; ++i) {
-        acc[i][0] = __fmaf_rn(s0, part[i][0], acc[i][0]);
-        acc[i][1] = __fmaf_rn(s0, part[i][1], acc[i][1]);
-        acc[i][2] = __fmaf_rn(s1, part[i][2], acc[i][2]);
-        acc[i][3] = __fmaf_rn(s1, part[i][3], acc[i][3]);
-      }
+      block_step<kBf16, K, MT>(fmt, w0[u], w1[u], st0[u], st1[u], v0, v1, t, entry, table, x32, ldx, m_rows,
+                               b, lane, acc);
     }
   }
 
-  // acc[i]: (row r0, x rows 8i + 2c, 8i + 2c + 1) and (row r1, the same x rows).
-#pragma unroll
-  for (int i = 0; i < MT; ++i) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int64_t m = 8 * i + 2 * c + (e & 1);
-      const int64_t r = e < 2 ? r0 : r1;
-      if (m >= m_rows || r >= n_out) continue;
-      if (splits == 1) {
-        out[m * n_out + r] = to_16<kBf16>(acc[i][e]);
-      } else {
-        partial[(split * m_rows + m) * n_out + r] = acc[i][e];
-      }
+  store_tile<kBf16, MT>(acc, r0, r1, c, m_rows, n_out, splits, split, partial, out);
+}
+
+// ---------------------------------------------------------------- pipelined variant
+//
+// The variant above loads each chunk of blocks straight into registers and then waits for it, so a warp has
+// at most one chunk (1 KB) in flight and spends most of its time waiting on DRAM. This one streams: each warp
+// copies its 16 rows x kStage blocks (words and scale bytes) into its own three-stage shared-memory ring with
+// cp.async, two stages ahead of the one it multiplies, so every warp keeps about 4 KB of loads in flight.
+// The copies are coalesced along each row (consecutive lanes, consecutive 4 / 8 / 16-byte units); the ring's
+// row pitch (kStage * K + 4 words) puts the eight rows a warp reads at once in different banks.
+
+constexpr int kStage = 8;   // blocks per stage
+constexpr int kStages = 3;  // ring depth
+
+template <int K>
+__host__ __device__ constexpr int ring_pitch() {
+  return kStage * K + 4;
+}
+constexpr int kScaleWords = kStage + 1;  // one row's scale bytes of a stage, from a 4-byte-aligned start
+
+template <int K>
+__host__ __device__ constexpr int ring_words_per_warp() {
+  return kStages * 16 * (ring_pitch<K>() + kScaleWords);
+}
+
+// cp.async of `bytes` (4, 8 or 16) from global to shared; with src_bytes < bytes the rest is zero-filled (0:
+// nothing is read).
+template <int kBytes>
+__device__ __forceinline__ void copy_async(void* smem, const void* gmem, int src_bytes) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(dst), "l"(gmem), "n"(kBytes),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void copy_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Issues the copies of stage `st` (blocks [b0, b1)) of rows [row0, row0 + 16) into ring slot `slot`.
+template <int K>
+__device__ __forceinline__ void issue_stage(const uint32_t* __restrict__ packed,
+                                            const void* __restrict__ scales, int scale_bytes, int64_t n_out,
+                                            int64_t nb, int64_t row0, int64_t b0, int64_t b1, uint32_t* words,
+                                            uint32_t* sw, int lane) {
+  constexpr int kUnit = K == 4 ? 4 : K == 2 ? 2 : 1;  // words per copy: rows start 16 / 8 / 4-byte aligned
+  constexpr int kUnitsPerRow = kStage * K / kUnit;
+  const int units = static_cast<int>(b1 - b0) * K / kUnit;
+  for (int idx = lane; idx < 16 * kUnitsPerRow; idx += 32) {
+    const int r = idx / kUnitsPerRow;
+    const int u = idx - r * kUnitsPerRow;
+    const int64_t row = row0 + r;
+    if (row < n_out && u < units) {
+      copy_async<4 * kUnit>(words + r * ring_pitch<K>() + u * kUnit, packed + (row * nb + b0) * K + u * kUnit,
+                            4 * kUnit);
     }
+  }
+  // Scale bytes [(row * nb + b0) * sb, (row * nb + b1) * sb) as whole 4-byte words; bytes past the array are
+  // zero-filled instead of read.
+  const int64_t total = n_out * nb * scale_bytes;
+  const auto* sbase = static_cast<const uint8_t*>(scales);
+  for (int idx = lane; idx < 16 * kScaleWords; idx += 32) {
+    const int r = idx / kScaleWords;
+    const int q = idx - r * kScaleWords;
+    const int64_t row = row0 + r;
+    if (row >= n_out) continue;
+    const int64_t first = (row * nb + b0) * scale_bytes;
+    const int64_t word = first / 4 + q;
+    if (word * 4 >= (row * nb + b1) * scale_bytes) continue;
+    const int64_t left = total - word * 4;
+    copy_async<4>(sw + r * kScaleWords + q, sbase + word * 4, left < 4 ? static_cast<int>(left) : 4);
+  }
+}
+
+template <int K>
+__device__ __forceinline__ void ring_words(const uint32_t* p, uint32_t (&w)[K]) {
+  if constexpr (K == 4) {
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+  } else if constexpr (K == 2) {
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
+    w[0] = v.x, w[1] = v.y;
+  } else {
+#pragma unroll
+    for (int j = 0; j < K; ++j) w[j] = p[j];
+  }
+}
+
+__device__ __forceinline__ uint32_t ring_scale(ScaleFormat fmt, const uint32_t* sw, int offset) {
+  const auto* bytes = reinterpret_cast<const uint8_t*>(sw);
+  if (fmt == ScaleFormat::kE4M4) return bytes[offset];
+  if (fmt == ScaleFormat::kF16) return *reinterpret_cast<const uint16_t*>(bytes + offset);
+  return *reinterpret_cast<const uint32_t*>(bytes + offset);
+}
+
+template <bool kBf16, int K, int MT>
+__device__ __forceinline__ void matmul_item_pipelined(
+    ScaleFormat fmt, int scale_bytes, const uint32_t* __restrict__ packed, const void* __restrict__ scales,
+    const float* __restrict__ codebook, const float* __restrict__ tensor_scale,
+    const uint16_t* __restrict__ x, int64_t m_rows, int64_t n_out, int64_t nb, int64_t tiles,
+    int64_t per_split, int64_t splits, float* __restrict__ partial, uint16_t* __restrict__ out,
+    const uint32_t* table, uint32_t* ring, int lane, int64_t item) {
+  constexpr bool kTable = K <= 4;
+  constexpr int kPitch = ring_pitch<K>();
+  uint32_t* words = ring;                       // [kStages][16][kPitch]
+  uint32_t* sw = ring + kStages * 16 * kPitch;  // [kStages][16][kScaleWords]
+  const int64_t tile = item % tiles;
+  const int64_t split = item / tiles;
+  const int g = lane >> 2;
+  const int c = lane & 3;
+  const int64_t row0 = tile * 16;
+  const int64_t r0 = row0 + g;
+  const int64_t r1 = r0 + 8;
+  const bool v0 = r0 < n_out;
+  const bool v1 = r1 < n_out;
+  const uint32_t entry = !kTable && lane < (1 << K) ? to_16<kBf16>(codebook[lane]) : 0u;
+  const float t = tensor_scale[0];
+  const int64_t begin = split * per_split;
+  const int64_t end = begin + per_split < nb ? begin + per_split : nb;
+  const int64_t ldx = nb * kBlock;
+  const uint32_t* x32 = reinterpret_cast<const uint32_t*>(x);
+  const int stages = static_cast<int>((end - begin + kStage - 1) / kStage);
+
+  float acc[MT][4];
+#pragma unroll
+  for (int i = 0; i < MT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+
+  auto issue = [&](int st) {
+    if (st < stages) {
+      const int64_t b0 = begin + static_cast<int64_t>(st) * kStage;
+      const int64_t b1 = b0 + kStage < end ? b0 + kStage : end;
+      const int slot = st % kStages;
+      issue_stage<K>(packed, scales, scale_bytes, n_out, nb, row0, b0, b1, words + slot * 16 * kPitch,
+                     sw + slot * 16 * kScaleWords, lane);
+    }
+    copy_commit();  // an empty group past the end keeps the wait count uniform
+  };
+  issue(0);
+  issue(1);
+  for (int st = 0; st < stages; ++st) {
+    issue(st + 2);
+    copy_wait<2>();  // all but the two newest groups: stage st has landed
+    __syncwarp();
+    const int slot = st % kStages;
+    const uint32_t* wr0 = words + (slot * 16 + g) * kPitch;
+    const uint32_t* wr1 = wr0 + 8 * kPitch;
+    const uint32_t* sr0 = sw + (slot * 16 + g) * kScaleWords;
+    const uint32_t* sr1 = sr0 + 8 * kScaleWords;
+    const int64_t b0 = begin + static_cast<int64_t>(st) * kStage;
+    // Scale offsets relative to this stage's aligned start: (first byte of the stage) mod 4.
+    const int o0 = v0 ? static_cast<int>(((r0 * nb + b0) * scale_bytes) & 3) : 0;
+    const int o1 = v1 ? static_cast<int>(((r1 * nb + b0) * scale_bytes) & 3) : 0;
+#pragma unroll
+    for (int u = 0; u < kStage; ++u) {
+      const int64_t b = b0 + u;
+      if (b >= end) break;  // uniform across the warp
+      uint32_t w0[K], w1[K];
+      ring_words<K>(wr0 + u * K, w0);
+      ring_words<K>(wr1 + u * K, w1);
+      const uint32_t st0 = v0 ? ring_scale(fmt, sr0, o0 + u * scale_bytes) : 0u;
+      const uint32_t st1 = v1 ? ring_scale(fmt, sr1, o1 + u * scale_bytes) : 0u;
+      block_step<kBf16, K, MT>(fmt, w0, w1, st0, st1, v0, v1, t, entry, table, x32, ldx, m_rows, b, lane,
+                               acc);
+    }
+    __syncwarp();  // every lane is done with this slot before a later issue() refills it
+  }
+  store_tile<kBf16, MT>(acc, r0, r1, c, m_rows, n_out, splits, split, partial, out);
+}
+
+template <bool kBf16, int K, int MT>
+__global__ void __launch_bounds__(kMmThreads)
+    matmul_pipelined_kernel(ScaleFormat fmt, int scale_bytes, const uint32_t* __restrict__ packed,
+                            const void* __restrict__ scales, const float* __restrict__ codebook,
+                            const float* __restrict__ tensor_scale, const uint16_t* __restrict__ x,
+                            int64_t m_rows, int64_t n_out, int64_t nb, int64_t tiles, int64_t splits,
+                            int64_t per_split, float* __restrict__ partial, uint16_t* __restrict__ out) {
+  extern __shared__ uint4 smem[];
+  build_pair_table<kBf16, K>(codebook, smem);
+  const uint32_t* table = reinterpret_cast<const uint32_t*>(smem);
+  uint32_t* ring = reinterpret_cast<uint32_t*>(smem) + table_bytes<K>() / 4 +
+                   (threadIdx.x >> 5) * ring_words_per_warp<K>();
+  const int lane = threadIdx.x & 31;
+  for (int64_t item = static_cast<int64_t>(blockIdx.x) * kMmWarps + (threadIdx.x >> 5); item < tiles * splits;
+       item += static_cast<int64_t>(gridDim.x) * kMmWarps) {
+    matmul_item_pipelined<kBf16, K, MT>(fmt, scale_bytes, packed, scales, codebook, tensor_scale, x, m_rows,
+                                        n_out, nb, tiles, per_split, splits, partial, out, table, ring, lane,
+                                        item);
   }
 }
 
@@ -203,21 +436,7 @@ __global__ void __launch_bounds__(kMmThreads)
                   uint16_t* __restrict__ out) {
   extern __shared__ uint4 smem[];
   const int lane = threadIdx.x & 31;
-  if constexpr (K <= 4) {
-    for (int i = threadIdx.x; i < (1 << (2 * K)); i += kMmThreads) {
-      int c0 = 0, c1 = 0;
-#pragma unroll
-      for (int j = 0; j < K; ++j) {
-        c0 |= ((i >> (2 * j)) & 1) << j;
-        c1 |= ((i >> (2 * j + 1)) & 1) << j;
-      }
-      const uint32_t v =
-          to_16<kBf16>(codebook[c0]) | (static_cast<uint32_t>(to_16<kBf16>(codebook[c1])) << 16);
-#pragma unroll
-      for (int r = 0; r < 8; ++r) smem[i * 8 + r] = make_uint4(v, v, v, v);
-    }
-    __syncthreads();
-  }
+  build_pair_table<kBf16, K>(codebook, smem);
   const uint32_t* table = reinterpret_cast<const uint32_t*>(smem);
   for (int64_t item = static_cast<int64_t>(blockIdx.x) * kMmWarps + (threadIdx.x >> 5); item < tiles * splits;
        item += static_cast<int64_t>(gridDim.x) * kMmWarps) {
@@ -237,22 +456,32 @@ struct Args {
   uint16_t* out;
 };
 
-// Splits the reduction so that the resident warps have about one item each, with at least two chunks of
-// blocks per item; persistent CTAs, as many as fit on the GPU at once.
+// Splits the reduction so that the resident warps have about one item each, with at least two chunks
+// (pipelined: stages) of blocks per item; persistent CTAs, as many as fit on the GPU at once.
 template <bool kBf16, int K, int MT>
-ffi::Error run_matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, const Args& a) {
-  auto* kernel = matmul_kernel<kBf16, K, MT>;
-  constexpr int smem = table_bytes<K>();
+ffi::Error run_matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, const Args& a, bool pipelined) {
+  const int smem = table_bytes<K>() + (pipelined ? kMmWarps * ring_words_per_warp<K>() * 4 : 0);
   int per_sm = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kMmThreads, smem) != cudaSuccess ||
-      per_sm < 1) {
+  auto occupancy = [&](auto* kernel) {
+    if (smem > 48 * 1024 &&
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) {
+      return false;
+    }
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kMmThreads, smem) == cudaSuccess &&
+           per_sm >= 1;
+  };
+  if (!(pipelined ? occupancy(matmul_pipelined_kernel<kBf16, K, MT>)
+                  : occupancy(matmul_kernel<kBf16, K, MT>))) {
     return launch_error("matmul occupancy query");
   }
   const int64_t sms = sm_count() > 0 ? sm_count() : 132;
   const int64_t resident_warps = sms * per_sm * kMmWarps;
   const int64_t tiles = (a.n + 15) / 16;
-  const int64_t max_splits = std::max<int64_t>(1, a.nb / (2 * kChunk));
-  int64_t splits = std::min<int64_t>(max_splits, std::max<int64_t>(1, (resident_warps + tiles - 1) / tiles));
+  const int64_t min_blocks = 2 * (pipelined ? kStage : kChunk);
+  const int64_t max_splits = std::max<int64_t>(1, a.nb / min_blocks);
+  // Pipelined: one wave (no warp takes a second item while others idle); otherwise round up as before.
+  const int64_t want = pipelined ? resident_warps / tiles : (resident_warps + tiles - 1) / tiles;
+  int64_t splits = std::min<int64_t>(max_splits, std::max<int64_t>(1, want));
   const int64_t per_split = (a.nb + splits - 1) / splits;
   splits = (a.nb + per_split - 1) / per_split;  // no empty splits
   float* partial = nullptr;
@@ -266,8 +495,16 @@ ffi::Error run_matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, const
   const int64_t items = tiles * splits;
   const unsigned ctas =
       static_cast<unsigned>(std::min<int64_t>((items + kMmWarps - 1) / kMmWarps, sms * per_sm));
-  kernel<<<ctas, kMmThreads, smem, stream>>>(a.fmt, a.packed, a.scales, a.codebook, a.tensor_scale, a.x, a.m,
-                                             a.n, a.nb, tiles, splits, per_split, partial, a.out);
+  if (pipelined) {
+    const int scale_bytes = a.fmt == ScaleFormat::kE4M4 ? 1 : a.fmt == ScaleFormat::kF16 ? 2 : 4;
+    matmul_pipelined_kernel<kBf16, K, MT><<<ctas, kMmThreads, smem, stream>>>(
+        a.fmt, scale_bytes, a.packed, a.scales, a.codebook, a.tensor_scale, a.x, a.m, a.n, a.nb, tiles,
+        splits, per_split, partial, a.out);
+  } else {
+    matmul_kernel<kBf16, K, MT><<<ctas, kMmThreads, smem, stream>>>(a.fmt, a.packed, a.scales, a.codebook,
+                                                                    a.tensor_scale, a.x, a.m, a.n, a.nb,
+                                                                    tiles, splits, per_split, partial, a.out);
+  }
   if (splits > 1) {
     const int64_t count = a.m * a.n;
     const unsigned grid = static_cast<unsigned>(std::min<int64_t>((count + kThreads - 1) / kThreads, 65535));
@@ -279,7 +516,7 @@ ffi::Error run_matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, const
 ffi::Error MatmulImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer x,
                       ffi::Buffer<ffi::U32> packed, ffi::AnyBuffer scales, ffi::Buffer<ffi::F32> codebook,
                       ffi::Buffer<ffi::F32> tensor_scale, ffi::Result<ffi::AnyBuffer> out, int32_t k,
-                      int32_t scale_format) {
+                      int32_t scale_format, int32_t variant) {
   MatmulLayout L;
   if (ffi::Error e = matmul_layout_of(x, packed, scales, codebook, tensor_scale, *out, k, scale_format, &L);
       e.failure()) {
@@ -315,7 +552,7 @@ ffi::Error MatmulImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::A
   with_k(L.k, [&](auto kc) {
     constexpr int K = decltype(kc)::value;
     auto go = [&](auto bf, auto mt) {
-      result = run_matmul<decltype(bf)::value, K, decltype(mt)::value>(stream, scratch, a);
+      result = run_matmul<decltype(bf)::value, K, decltype(mt)::value>(stream, scratch, a, variant != 0);
     };
     auto by_rows = [&](auto bf) {
       if (L.m <= 8) {
@@ -350,4 +587,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulCuda, kbit::cuda::MatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int32_t>("k")
-                                  .Attr<int32_t>("scale_format"));
+                                  .Attr<int32_t>("scale_format")
+                                  .Attr<int32_t>("variant"));

@@ -6,6 +6,7 @@ measured as ||y - ref|| / ||ref|| (docs/MATMUL.md says what to expect per dtype)
 
 from __future__ import annotations
 
+import importlib
 import re
 
 import jax
@@ -17,6 +18,8 @@ from conftest import BF16, KS, SCALE_FORMATS, dtype_id
 import jax_kbit as jk
 from jax_kbit import reference
 from jax_kbit.matmul import FUSED_MAX_ROWS
+
+matmul_module = importlib.import_module("jax_kbit.matmul")  # the attribute jax_kbit.matmul is the function
 
 CPU = jax.devices("cpu")[0]
 
@@ -71,7 +74,8 @@ def make(rng, m, din, dout, k, dtype, scale_format="e4m4", lead=()):
 
 
 def check(x, q, device, msg=""):
-    y = jax.jit(jk.matmul)(jax.device_put(x, device), jax.device_put(q, device))
+    # A fresh function each time: the lowering (and so matmul_module.cuda_kernel) is read per trace.
+    y = jax.jit(lambda x, q: jk.matmul(x, q))(jax.device_put(x, device), jax.device_put(q, device))
     assert y.dtype == x.dtype and y.shape == x.shape[:-1] + (q.shape[1],), (y.dtype, y.shape)
     ref = np.asarray(x, np.float64) @ weight_ref(q)
     err = rel_err(y, ref)
@@ -313,26 +317,37 @@ def test_transposed_bad_input(rng):
 # ---------------------------------------------------------------- GPU: the fused kernel
 
 
+@pytest.fixture(params=sorted(matmul_module.CUDA_KERNELS))
+def cuda_kernel(request, monkeypatch):
+    """Each CUDA kernel variant of x @ W in turn (the functions under test are traced afresh)."""
+    monkeypatch.setattr(matmul_module, "cuda_kernel", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("m", ROWS)
 @pytest.mark.parametrize("dtype", [np.float16, BF16, np.float32], ids=dtype_id)
 @pytest.mark.parametrize("k", KS)
 @pytest.mark.gpu
 @pytest.mark.skipif(GPU is None or not jk.cuda_built(), reason="needs a CUDA GPU and the CUDA build")
-def test_gpu_matches_reference(rng, k, dtype, m):
-    # (1000, 300): a partial chunk of blocks and a partial tile of 16 rows; (8192, 64): split reduction.
-    for din, dout in ((96, 40), (100, 33), (1000, 300), (8192, 64)):
+def test_gpu_matches_reference(rng, k, dtype, m, cuda_kernel):
+    # (1000, 300): a partial chunk / stage of blocks and a partial tile of 16 rows; (8192, 64): split
+    # reduction; (4000, 50): blocks not a multiple of the stage, odd scale offsets.
+    for din, dout in ((96, 40), (100, 33), (1000, 300), (8192, 64), (4000, 50)):
         x, q = make(rng, m, din, dout, k, dtype)
-        check(x, q, GPU, f"k={k} m={m} in={din} out={dout} {rng}")
+        check(x, q, GPU, f"k={k} m={m} in={din} out={dout} {cuda_kernel} {rng}")
 
 
 @pytest.mark.parametrize("scale_format", SCALE_FORMATS)
 @pytest.mark.gpu
 @pytest.mark.skipif(GPU is None or not jk.cuda_built(), reason="needs a CUDA GPU and the CUDA build")
-def test_gpu_scale_formats_large_and_deterministic(rng, scale_format):
-    x, q = make(rng, 5, 4096, 3000, 4, BF16, scale_format)
-    y = check(x, q, GPU, f"{scale_format} {rng}")
-    again = np.asarray(jax.jit(jk.matmul)(jax.device_put(x, GPU), jax.device_put(q, GPU)))
-    np.testing.assert_array_equal(y.view(np.uint16), again.view(np.uint16))  # no atomics: same bits
+def test_gpu_scale_formats_large_and_deterministic(rng, scale_format, cuda_kernel):
+    for k, din, dout in ((4, 4096, 3000), (3, 1000, 77), (2, 1000, 77), (5, 1000, 77)):
+        x, q = make(rng, 5, din, dout, k, BF16, scale_format)
+        y = check(x, q, GPU, f"{scale_format} k={k} {cuda_kernel} {rng}")
+        again = np.asarray(
+            jax.jit(lambda x, q: jk.matmul(x, q))(jax.device_put(x, GPU), jax.device_put(q, GPU))
+        )
+        np.testing.assert_array_equal(y.view(np.uint16), again.view(np.uint16))  # no atomics: same bits
 
 
 @pytest.mark.gpu
