@@ -129,7 +129,10 @@ def quantize_weights(params: Params, k: int, *, lm_head: bool = True) -> Params:
 def init_cache(cfg: Config, dtype: Any = jnp.bfloat16) -> dict[str, list[jax.Array]]:
     """Per-layer K and V caches ``[max_len, kv_heads, head_dim]`` (batch 1), zero-filled."""
     shape = (cfg.max_len, cfg.kv_heads, cfg.head_dim)
-    return {"k": [jnp.zeros(shape, dtype) for _ in range(cfg.layers)], "v": [jnp.zeros(shape, dtype) for _ in range(cfg.layers)]}
+    return {
+        "k": [jnp.zeros(shape, dtype) for _ in range(cfg.layers)],
+        "v": [jnp.zeros(shape, dtype) for _ in range(cfg.layers)],
+    }
 
 
 def linear(x: jax.Array, w: Any) -> jax.Array:

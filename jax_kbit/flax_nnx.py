@@ -99,7 +99,9 @@ class KbitLinear(nnx.Module):
         preferred_element_type: Any = None,
     ) -> None:
         if not isinstance(kernel, (QuantizedMatrix, QuantizedArray)):
-            raise TypeError(f"kernel must be a QuantizedMatrix or QuantizedArray, got {type(kernel).__name__}")
+            raise TypeError(
+                f"kernel must be a QuantizedMatrix or QuantizedArray, got {type(kernel).__name__}"
+            )
         if kernel.ndim != 2:
             raise ValueError(f"kernel must have logical shape [in, out], got {kernel.shape}")
         if isinstance(kernel, QuantizedMatrix) and dot_general is not lax.dot_general:
@@ -142,7 +144,9 @@ class KbitLinear(nnx.Module):
             raise ValueError(f"scale_format must be one of {SCALE_FORMATS}, got {scale_format!r}")
         _check_codebook_spec(codebook, "from_linear")
         layout = _layer_layout(_check_layout(layout, "from_linear"), linear)
-        return cls._from_parts(linear, _quantize_kernel(linear.kernel[...], k, codebook, scale_format, layout))
+        return cls._from_parts(
+            linear, _quantize_kernel(linear.kernel[...], k, codebook, scale_format, layout)
+        )
 
     @classmethod
     def _from_parts(cls, linear: nnx.Linear, q: QuantizedMatrix | QuantizedArray) -> KbitLinear:
