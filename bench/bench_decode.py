@@ -89,7 +89,7 @@ class Config:
 
 
 LLAMA_1B = Config()
-TINY = Config(vocab=1024, hidden=256, layers=2, heads=4, kv_heads=2, mlp=768, max_len=128)
+TINY = Config(vocab=1024, hidden=128, layers=2, heads=4, kv_heads=2, mlp=512, max_len=128)
 
 Params = dict[str, Any]
 
@@ -97,24 +97,33 @@ Params = dict[str, Any]
 # ---------------------------------------------------------------- model
 
 
-def init_params(cfg: Config, key: jax.Array, dtype: Any = jnp.bfloat16) -> Params:
-    """Random weights: N(0, 1 / fan_in) matrices (so activations stay O(1)), N(0, 1) embeddings, unit norms."""
+def init_params(cfg: Config, seed: int = 0, dtype: Any = jnp.bfloat16) -> Params:
+    """Random weights: N(0, 1 / fan_in) matrices (so activations stay O(1)), N(0, 1) embeddings, unit norms.
 
-    def dense(key: jax.Array, din: int, dout: int) -> jax.Array:
-        return (jax.random.normal(key, (din, dout), jnp.float32) * (1.0 / math.sqrt(din))).astype(dtype)
+    Drawn with NumPy on the host, so the same seed gives the same weights on every machine and nothing is
+    compiled; each array is then put on the default device.
+    """
+    rng = np.random.default_rng(seed)
 
-    keys = iter(jax.random.split(key, 4 * cfg.layers + 2))
+    def normal(shape: tuple[int, int], std: float) -> jax.Array:
+        x = rng.standard_normal(shape, dtype=np.float32)
+        x *= np.float32(std)
+        return jnp.asarray(x.astype(dtype))
+
+    def ones() -> jax.Array:
+        return jnp.asarray(np.ones((cfg.hidden,), dtype))
+
     layers = []
     for _ in range(cfg.layers):
-        layer = {"attn_norm": jnp.ones((cfg.hidden,), dtype), "mlp_norm": jnp.ones((cfg.hidden,), dtype)}
+        layer = {"attn_norm": ones(), "mlp_norm": ones()}
         for name, (din, dout) in cfg.matrix_shapes().items():
-            layer[name] = dense(next(keys), din, dout)
+            layer[name] = normal((din, dout), 1.0 / math.sqrt(din))
         layers.append(layer)
     return {
-        "embed": jax.random.normal(next(keys), (cfg.vocab, cfg.hidden), jnp.float32).astype(dtype),
+        "embed": normal((cfg.vocab, cfg.hidden), 1.0),
         "layers": layers,
-        "final_norm": jnp.ones((cfg.hidden,), dtype),
-        "lm_head": dense(next(keys), cfg.hidden, cfg.vocab),
+        "final_norm": ones(),
+        "lm_head": normal((cfg.hidden, cfg.vocab), 1.0 / math.sqrt(cfg.hidden)),
     }
 
 
@@ -129,10 +138,8 @@ def quantize_weights(params: Params, k: int, *, lm_head: bool = True) -> Params:
 def init_cache(cfg: Config, dtype: Any = jnp.bfloat16) -> dict[str, list[jax.Array]]:
     """Per-layer K and V caches ``[max_len, kv_heads, head_dim]`` (batch 1), zero-filled."""
     shape = (cfg.max_len, cfg.kv_heads, cfg.head_dim)
-    return {
-        "k": [jnp.zeros(shape, dtype) for _ in range(cfg.layers)],
-        "v": [jnp.zeros(shape, dtype) for _ in range(cfg.layers)],
-    }
+    zeros = jnp.zeros(shape, dtype)  # arrays are immutable: every layer can start from the same one
+    return {"k": [zeros] * cfg.layers, "v": [zeros] * cfg.layers}
 
 
 def linear(x: jax.Array, w: Any) -> jax.Array:
@@ -242,42 +249,57 @@ def run_variant(
     n: int,
     *,
     reference: np.ndarray | None = None,
+    reference_logits: np.ndarray | None = None,
     rounds: int = 5,
     time_it: bool = True,
-) -> dict[str, Any]:
-    """Prefill, decode ``n`` tokens (timed), and compare the greedy tokens with ``reference`` if given.
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Prefill, decode ``n`` tokens (timed), and compare with the bf16 run.
 
-    ``reference``: the bf16 run's greedy sequence (first token after the prompt, then the ``n`` decoded).
+    Args:
+      reference: the bf16 run's greedy sequence (the first token after the prompt, then the ``n`` decoded).
+      reference_logits: the bf16 run's teacher-forced logits ``[n + 1, vocab]``.
+
+    Returns:
+      The result row and this run's teacher-forced logits along ``reference`` (its own sequence if None).
     """
+    # The glue below is NumPy: every eager jax.numpy op would compile a program of its own.
+    prompt = np.asarray(prompt, np.int32)
     p = int(prompt.shape[0])
-    cache0 = init_cache(cfg)
-    logits, cache = prefill(params, cache0, prompt, cfg)
-    first = jnp.argmax(logits[-1]).astype(jnp.int32)
-    out, finite = generate(params, cache, first, jnp.int32(p), n, cfg)
-    seq = np.concatenate([[int(first)], np.asarray(out)])
-    finite = bool(finite) and bool(jnp.all(jnp.isfinite(logits)))
+    length = p + n  # one prefill length serves the prompt and the teacher-forced pass: one compiled program
+    # The prompt, padded with zeros to `length`. Cache rows >= p then hold padding, but decode step i writes
+    # row p + i before it reads it and masks every row after it, so the padding is never attended to.
+    padded = np.zeros((length,), np.int32)
+    padded[:p] = prompt
+    logits, cache = prefill(params, init_cache(cfg), padded, cfg)
+    logits = np.asarray(logits)
+    first = np.int32(np.argmax(logits[p - 1]))
+    out, finite = generate(params, cache, first, np.int32(p), n=n, cfg=cfg)  # as timeit calls it: one compile
+    seq = np.concatenate([[first], np.asarray(out)]).astype(np.int32)
     row: dict[str, Any] = {
         "variant": name,
         "weight_bytes": weight_bytes(params),
         "streamed_bytes_per_token": streamed_bytes(params),
-        "finite_logits": finite,
+        "finite_logits": bool(finite) and bool(np.isfinite(logits).all()),
         "tokens": seq.tolist(),
     }
     if time_it:
-        seconds = timeit(partial(generate, n=n, cfg=cfg), params, cache, first, jnp.int32(p), rounds=rounds)
+        seconds = timeit(partial(generate, n=n, cfg=cfg), params, cache, first, np.int32(p), rounds=rounds)
         row.update(seconds=seconds, tokens_per_s=n / seconds, ms_per_token=1e3 * seconds / n)
-    ref = seq if reference is None else reference
+    ref = seq if reference is None else np.asarray(reference, np.int32)
     if reference is not None:
-        match = seq[: len(ref)] == ref[: len(seq)]
+        match = seq == ref
         row["seq_match"] = float(np.mean(match))
-        row["first_divergence"] = int(np.argmin(match)) if not match.all() else None
+        row["first_divergence"] = None if match.all() else int(np.argmin(match))
     # Teacher-forced: this model's next-token argmax along the reference sequence.
-    forced = jnp.concatenate([prompt, jnp.asarray(ref[:-1], jnp.int32)])
-    tf_logits, _ = prefill(params, init_cache(cfg), forced, cfg)
-    pred = np.asarray(jnp.argmax(tf_logits[p - 1 :], axis=-1))
-    row["next_token_agree"] = float(np.mean(pred == ref))
-    row["finite_logits"] = row["finite_logits"] and bool(jnp.all(jnp.isfinite(tf_logits)))
-    return row
+    forced = np.concatenate([prompt, ref[:-1]])
+    tf_logits = np.asarray(prefill(params, init_cache(cfg), forced, cfg)[0])[p - 1 :]
+    row["next_token_agree"] = float(np.mean(np.argmax(tf_logits, axis=-1) == ref))
+    row["finite_logits"] = row["finite_logits"] and bool(np.isfinite(tf_logits).all())
+    if reference_logits is not None:
+        ref_logits = np.asarray(reference_logits, np.float64)
+        err = np.linalg.norm(tf_logits - ref_logits) / np.linalg.norm(ref_logits)
+        row["logits_rel_err"] = float(err)
+    return row, tf_logits
 
 
 # ---------------------------------------------------------------- main
@@ -287,28 +309,32 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:,.1f}"
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None, *, config: Config | None = None) -> dict[str, Any]:
+    """Run the benchmark (``argv``: command-line arguments); ``config`` overrides the model shape (tests)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="a ~4 MB model and few tokens (runs on a CPU)")
     ap.add_argument("--ks", default="4,3,2,5", help="comma-separated K values to compare with bf16")
-    ap.add_argument("--tokens", type=int, default=None, help="decode steps timed (default 128; --tiny 24)")
+    ap.add_argument("--tokens", type=int, default=None, help="decode steps timed (default 128; --tiny 32)")
     ap.add_argument("--prompt", type=int, default=16, help="prompt length (prefill, not timed)")
     ap.add_argument("--max-len", type=int, default=None, help="KV cache length (default 1024; --tiny 128)")
     ap.add_argument("--lm-head", choices=("kbit", "bf16"), default="kbit", help="LM head in the k-bit runs")
-    ap.add_argument("--rounds", type=int, default=5, help="timing rounds (median)")
+    ap.add_argument("--rounds", type=int, default=None, help="timing rounds, median (default 5; --tiny 3)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench/out")
     args = ap.parse_args(argv)
 
-    cfg = TINY if args.tiny else LLAMA_1B
+    cfg = config if config is not None else TINY if args.tiny else LLAMA_1B
     if args.max_len is not None:
         cfg = dataclasses.replace(cfg, max_len=args.max_len)
-    n = args.tokens if args.tokens is not None else (24 if args.tiny else 128)
+    n = args.tokens if args.tokens is not None else (32 if args.tiny else 128)
+    rounds = args.rounds if args.rounds is not None else (3 if args.tiny else 5)
     ks = [int(k) for k in args.ks.split(",") if k.strip()]
     if any(k not in (2, 3, 4, 5) for k in ks):
         raise SystemExit(f"--ks: K must be in 2..5, got {args.ks!r}")
-    if n < 1 or args.prompt < 1 or args.prompt + n > cfg.max_len:
-        raise SystemExit(f"need 1 <= --prompt, 1 <= --tokens and prompt + tokens <= max_len ({cfg.max_len})")
+    if n < 1 or args.prompt < 1 or rounds < 1 or args.prompt + n > cfg.max_len:
+        raise SystemExit(
+            f"need --prompt, --tokens and --rounds >= 1 and prompt + tokens <= max_len ({cfg.max_len})"
+        )
 
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({dev.platform}); jax {jax.__version__}; jax_kbit {jk.__version__}")
@@ -317,21 +343,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{cfg.heads} heads / {cfg.kv_heads} KV heads, MLP {cfg.mlp}, vocab {cfg.vocab}, cache {cfg.max_len}); "
         f"prompt {args.prompt}, {n} decode steps timed; LM head in k-bit runs: {args.lm_head}"
     )
-    key = jax.random.key(args.seed)
     t0 = time.perf_counter()
-    params = init_params(cfg, key)
-    prompt = jax.random.randint(jax.random.fold_in(key, 1), (args.prompt,), 0, cfg.vocab, jnp.int32)
+    params = init_params(cfg, args.seed)
+    prompt = np.random.default_rng(args.seed + 1).integers(0, cfg.vocab, args.prompt, dtype=np.int32)
     jax.block_until_ready(params)
 
-    rows = [run_variant("bf16", params, cfg, prompt, n, rounds=args.rounds)]
-    reference = np.asarray(rows[0]["tokens"])
-    rows[0]["k"] = None
+    row, ref_logits = run_variant("bf16", params, cfg, prompt, n, rounds=rounds)
+    rows = [dict(row, k=None)]
+    reference = np.asarray(row["tokens"])
     for k in ks:
-        qparams = quantize_weights(params, k, lm_head=args.lm_head == "kbit")
+        qparams = jax.jit(partial(quantize_weights, k=k, lm_head=args.lm_head == "kbit"))(params)
         jax.block_until_ready(qparams)
-        row = run_variant(f"K={k}", qparams, cfg, prompt, n, reference=reference, rounds=args.rounds)
-        row["k"] = k
-        rows.append(row)
+        row, _ = run_variant(
+            f"K={k}",
+            qparams,
+            cfg,
+            prompt,
+            n,
+            reference=reference,
+            reference_logits=ref_logits,
+            rounds=rounds,
+        )
+        rows.append(dict(row, k=k))
         del qparams
     base = rows[0]["tokens_per_s"]
     for row in rows:
@@ -339,21 +372,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     head = (
         f"{'weights':>8} {'MiB':>9} {'MiB/token':>10} {'tokens/s':>9} {'ms/token':>9} {'vs bf16':>8} "
-        f"{'GB/s':>6} {'next-token agree':>16} {'seq match':>9} {'finite':>6}"
+        f"{'GB/s':>6} {'logit err':>9} {'next-token agree':>16} {'seq match':>9} {'finite':>6}"
     )
     print(head)
     for r in rows:
         gbps = r["streamed_bytes_per_token"] * r["tokens_per_s"] / 1e9
         seq = "-" if r.get("seq_match") is None else f"{100 * r['seq_match']:.0f}%"
+        lerr = "-" if r.get("logits_rel_err") is None else f"{r['logits_rel_err']:.3f}"
         print(
             f"{r['variant']:>8} {_mib(r['weight_bytes']):>9} {_mib(r['streamed_bytes_per_token']):>10} "
-            f"{r['tokens_per_s']:>9.1f} {r['ms_per_token']:>9.3f} {r['speedup_vs_bf16']:>7.2f}x {gbps:>6.1f} "
+            f"{r['tokens_per_s']:>9.1f} {r['ms_per_token']:>9.3f} {r['speedup_vs_bf16']:>7.2f}x {gbps:>6.1f} {lerr:>9} "
             f"{100 * r['next_token_agree']:>15.0f}% {seq:>9} {'yes' if r['finite_logits'] else 'NO':>6}",
             flush=True,
         )
     print(
-        "next-token agree: the model's greedy next token along the bf16 run's sequence (teacher-forced; for "
-        "bf16 itself: prefill vs decode numerics); seq match: its own greedy sequence vs bf16's."
+        "logit err: ||logits - bf16 logits|| / ||bf16 logits|| along the bf16 run's sequence; next-token "
+        "agree: the greedy next token along that sequence (teacher-forced; for bf16 itself: prefill vs "
+        "decode numerics); seq match: its own greedy sequence vs bf16's, position by position."
     )
     if not all(r["finite_logits"] for r in rows):
         print("WARNING: non-finite logits in some run", file=sys.stderr)
