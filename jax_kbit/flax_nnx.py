@@ -24,6 +24,7 @@ from jax_kbit.params import (
     _check_layout,
     _check_rules,
     _decide,
+    _is_fit,
     _quantizable,
     _resolve_codebook,
     _Settings,
@@ -50,12 +51,17 @@ def _default_promote(arrays, dtype=None):
     return tuple(None if a is None else jnp.asarray(a, dtype) for a in arrays)
 
 
-def _layer_layout(layout: str, linear: nnx.Linear) -> str:
+def _layer_layout(layout: str, linear: nnx.Linear, name: str) -> str:
     """``"matrix"`` / ``"array"`` for one ``nnx.Linear`` (``"auto"``: matrix unless it has its own dot_general)."""
-    if layout != "auto":
-        return layout
     custom = getattr(linear, "dot_general", lax.dot_general) is not lax.dot_general
-    return "array" if custom else "matrix"
+    if layout == "auto":
+        return "array" if custom else "matrix"
+    if layout == "matrix" and custom:
+        raise ValueError(
+            f"{name}: the layer has a custom dot_general, which a QuantizedMatrix kernel (multiplied by "
+            "jax_kbit.matmul) cannot use; give it layout='array' or 'auto'"
+        )
+    return layout
 
 
 class KbitLinear(nnx.Module):
@@ -143,7 +149,7 @@ class KbitLinear(nnx.Module):
         if scale_format not in SCALE_FORMATS:
             raise ValueError(f"scale_format must be one of {SCALE_FORMATS}, got {scale_format!r}")
         _check_codebook_spec(codebook, "from_linear")
-        layout = _layer_layout(_check_layout(layout, "from_linear"), linear)
+        layout = _layer_layout(_check_layout(layout, "from_linear"), linear, "from_linear")
         return cls._from_parts(
             linear, _quantize_kernel(linear.kernel[...], k, codebook, scale_format, layout)
         )
@@ -200,7 +206,8 @@ def _quantize_kernel(
     """A Linear kernel ``[in, out]`` quantized in ``layout`` (``"matrix"`` or ``"array"``)."""
     if layout == "matrix":
         # A fitted codebook is fitted to the blocks the matrix stores: along `in`.
-        cb = _resolve_codebook(codebook, k, jnp.swapaxes(kernel, 0, 1), scale_format, name)
+        blocked = jnp.swapaxes(kernel, 0, 1) if _is_fit(codebook) else kernel
+        cb = _resolve_codebook(codebook, k, blocked, scale_format, name)
         return quantize_matrix(kernel, k, codebook=cb, scale_format=scale_format)
     cb = _resolve_codebook(codebook, k, kernel, scale_format, name)
     return quantize(kernel, k, codebook=cb, scale_format=scale_format)
@@ -280,7 +287,7 @@ def quantize_model(
         kernel = linear.kernel[...]
         if not _quantizable(kernel, settings):
             continue
-        layer_layout = _layer_layout(settings.layout, linear)
+        layer_layout = _layer_layout(settings.layout, linear, f"quantize_model: {name}")
         q = _quantize_kernel(kernel, settings.k, settings.codebook, settings.scale_format, layer_layout, name)
         _set_child(parent, path[-1], KbitLinear._from_parts(linear, q))
         del kernel, linear, q  # the full-precision kernel is now unreferenced here

@@ -23,6 +23,7 @@ import numpy as np
 
 from jax_kbit import codebooks as _codebooks
 from jax_kbit.api import dequantize, quantize
+from jax_kbit.matmul import quantize_matrix
 from jax_kbit.quantized_array import QuantizedArray
 from jax_kbit.quantized_matrix import QuantizedMatrix
 from jax_kbit.reference import (
@@ -218,13 +219,15 @@ def _resolve_layout(layout: str, path: str, leaf: Any) -> str:
     return layout
 
 
+def _is_fit(codebook: Any) -> bool:
+    return isinstance(codebook, str) and codebook == "fit"
+
+
 def _quantize_leaf(leaf: Any, settings: _Settings, path: str) -> QuantizedArray | QuantizedMatrix:
     """One selected leaf, quantized with ``settings`` in its resolved layout."""
-    from jax_kbit.matmul import quantize_matrix  # matmul imports more of the package; keep params light
-
     layout = _resolve_layout(settings.layout, path, leaf)
     # A fitted codebook is fitted to the values as they are blocked: along `in` for a matrix.
-    blocked = leaf if layout == "array" else _swap_last_two(leaf)
+    blocked = _swap_last_two(leaf) if layout == "matrix" and _is_fit(settings.codebook) else leaf
     cb = _resolve_codebook(settings.codebook, settings.k, blocked, settings.scale_format, path)
     if layout == "matrix":
         return quantize_matrix(leaf, settings.k, codebook=cb, scale_format=settings.scale_format)

@@ -403,6 +403,12 @@ def test_layout_options_and_errors(rng):
     assert kinds == {jk.QuantizedArray}
     with pytest.raises(ValueError, match="layout must be one of"):
         quantize_model(Net(64, nnx.Rngs(0), n=1), layout="both")
+    model = Net(64, nnx.Rngs(0), n=1)
+    model.head = nnx.Linear(64, 64, dot_general=my_dot, rngs=nnx.Rngs(1))
+    with pytest.raises(ValueError, match="quantize_model: head/kernel: the layer has a custom dot_general"):
+        quantize_model(model, min_size=0, rules=[jk.Rule("head", layout="matrix")])
+    with pytest.raises(ValueError, match="dot_general"):  # the constructor checks too
+        KbitLinear(jk.quantize_matrix(jnp.ones((64, 64)), 4), dot_general=my_dot)
     # fitted codebooks follow the layout's blocks (along `in` for a matrix)
     lin = nnx.Linear(96, 64, rngs=nnx.Rngs(2))
     q = KbitLinear.from_linear(lin, 3, codebook="fit").kernel.get_value()
