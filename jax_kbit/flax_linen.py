@@ -35,7 +35,8 @@ class KbitDense(nn.Module):
     """``y = x @ W + b`` with ``W`` ``[in, features]`` read from ``params["kernel"]`` in k-bit codes.
 
     ``params["kernel"]`` is a ``QuantizedMatrix`` (multiplied with ``jax_kbit.matmul``, which reads the codes
-    directly: no dequantized weight at up to ``FUSED_MAX_ROWS`` rows), a ``QuantizedArray`` (dequantized to
+    directly: no dequantized weight at up to ``FUSED_MAX_ROWS`` rows; on a GPU only in a float16 / bfloat16
+    computation ``dtype``), a ``QuantizedArray`` (dequantized to
     the computation dtype, then ``lax.dot_general``), or a plain array (a layer ``quantize_params`` left in
     full precision, e.g. below ``min_size``; used as is). ``init`` draws a full-precision kernel with
     ``kernel_init`` and stores it quantized with ``k`` / ``codebook`` / ``scale_format`` / ``layout``; when

@@ -72,9 +72,11 @@ class KbitLinear(nnx.Module):
     - ``QuantizedMatrix`` (``jax_kbit.quantize_matrix``; what ``from_linear`` and ``quantize_model`` build by
       default): ``__call__`` is ``jax_kbit.matmul(x, W)``, which reads the codes directly. At up to
       ``jax_kbit.matmul.FUSED_MAX_ROWS`` rows (decoding) no dequantized weight is materialised; with more
-      rows it dequantizes and calls ``dot_general`` by itself. ``precision`` has no effect (the products
-      accumulate in float32), ``dot_general`` must be ``lax.dot_general``, and ``preferred_element_type``
-      casts the result (computed in the computation dtype).
+      rows it dequantizes and calls ``dot_general`` by itself. On a GPU the fused kernel needs a float16 /
+      bfloat16 computation dtype (set ``dtype=jnp.bfloat16``); float32 takes the dequantize path there.
+      ``precision`` has no effect (the products accumulate in float32), ``dot_general`` must be
+      ``lax.dot_general``, and ``preferred_element_type`` casts the result (computed in the computation
+      dtype).
     - ``QuantizedArray`` (blocks along ``out``, the layout of jax-kbit 0.1): the kernel is dequantized
       straight to the computation dtype inside ``__call__`` and multiplied with ``dot_general``, so under
       ``jit`` one layer's weight is materialised at a time.
