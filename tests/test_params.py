@@ -220,6 +220,10 @@ def test_matrix_layout_fit_codebook_jit_and_dequantize(rng):
         np.asarray(back["layer"]["kernel"]), np.asarray(eager["layer"]["kernel"].dequantize())
     )
     assert float(np.abs(np.asarray(back["layer"]["kernel"]) - x).max()) < 0.5 * float(np.abs(x).max())
+    # jk.dequantize takes a QuantizedMatrix too (code written for 0.1's QuantizedArray kernels keeps working)
+    got = jk.dequantize(eager["layer"]["kernel"], jnp.bfloat16)
+    assert got.shape == (160, 96) and got.dtype == jnp.bfloat16
+    assert_bitwise_equal(np.asarray(got), np.asarray(eager["layer"]["kernel"].dequantize(jnp.bfloat16)))
     assert jk.dequantize_params(eager, jnp.bfloat16)["layer"]["kernel"].dtype == jnp.bfloat16
 
 
