@@ -22,7 +22,7 @@ vs decode numerics), and its own greedy tokens position by position (``seq match
 the sequences diverge: with random weights the next-token distribution is nearly flat). Prints a table and
 writes JSON to ``--out``.
 
-    python bench/bench_decode.py              # the 1.1B model (GPU)
+    python bench/bench_decode.py              # the 1.1B model (GPU); --quick: K = 4 only, 64 tokens
     python bench/bench_decode.py --tiny       # 0.8M parameters, on a CPU
 """
 
@@ -314,7 +314,12 @@ def main(argv: list[str] | None = None, *, config: Config | None = None) -> dict
     """Run the benchmark (``argv``: command-line arguments); ``config`` overrides the model shape (tests)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="a 0.8M-parameter model, 32 tokens (runs on a CPU)")
-    ap.add_argument("--ks", default="4,3,2,5", help="comma-separated K values to compare with bf16")
+    ap.add_argument(
+        "--quick", action="store_true", help="K = 4 only, 64 decode steps, 3 rounds (small budgets)"
+    )
+    ap.add_argument(
+        "--ks", default=None, help="comma-separated K values to compare with bf16 (default 4,3,2,5)"
+    )
     ap.add_argument("--tokens", type=int, default=None, help="decode steps timed (default 128; --tiny 32)")
     ap.add_argument("--prompt", type=int, default=16, help="prompt length (prefill, not timed)")
     ap.add_argument("--max-len", type=int, default=None, help="KV cache length (default 1024; --tiny 128)")
@@ -327,11 +332,15 @@ def main(argv: list[str] | None = None, *, config: Config | None = None) -> dict
     cfg = config if config is not None else TINY if args.tiny else LLAMA_1B
     if args.max_len is not None:
         cfg = dataclasses.replace(cfg, max_len=args.max_len)
-    n = args.tokens if args.tokens is not None else (32 if args.tiny else 128)
-    rounds = args.rounds if args.rounds is not None else (3 if args.tiny else 5)
-    ks = [int(k) for k in args.ks.split(",") if k.strip()]
+    n = args.tokens if args.tokens is not None else (32 if args.tiny else 64 if args.quick else 128)
+    rounds = args.rounds if args.rounds is not None else (3 if args.tiny or args.quick else 5)
+    ks_arg = args.ks if args.ks is not None else ("4" if args.quick else "4,3,2,5")
+    try:
+        ks = [int(k) for k in ks_arg.split(",") if k.strip()]
+    except ValueError:
+        ks = [0]
     if any(k not in (2, 3, 4, 5) for k in ks):
-        raise SystemExit(f"--ks: K must be in 2..5, got {args.ks!r}")
+        raise SystemExit(f"--ks: K must be in 2..5, got {ks_arg!r}")
     if n < 1 or args.prompt < 1 or rounds < 1 or args.prompt + n > cfg.max_len:
         raise SystemExit(
             f"need --prompt, --tokens and --rounds >= 1 and prompt + tokens <= max_len ({cfg.max_len})"
