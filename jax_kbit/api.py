@@ -13,6 +13,7 @@ from jax import lax
 from jax_kbit import codebooks, exporting  # noqa: F401  (exporting: QuantizedArray export serialization)
 from jax_kbit.primitives import dequantize_p, num_blocks, quantize_p
 from jax_kbit.quantized_array import QuantizedArray
+from jax_kbit.quantized_matrix import QuantizedMatrix
 from jax_kbit.reference import FLOAT_DTYPES, SCALE_DTYPES, SCALE_FORMATS, SCALE_MAX
 
 ScaleFormat = Literal["e4m4", "f16", "f32"]
@@ -154,15 +155,18 @@ def quantize(
     return QuantizedArray(packed, scales, cb, ts, k=k, d=x.shape[-1], dtype=dtype, scale_format=scale_format)
 
 
-def dequantize(q: QuantizedArray, dtype: Any = None) -> jax.Array:
+def dequantize(q: QuantizedArray | QuantizedMatrix, dtype: Any = None) -> jax.Array:
     """Reconstruct the array from a ``QuantizedArray``: ``codebook[code] * scale`` in float32, then cast.
 
     Args:
-      q: the quantized array.
+      q: the quantized array; a ``QuantizedMatrix`` gives its logical ``[..., in, out]`` weight (the
+        transpose of ``dequantize(q.t)``), as ``q.dequantize(dtype)`` does.
       dtype: float16, bfloat16 or float32; default: the dtype ``q`` was quantized from.
     """
+    if isinstance(q, QuantizedMatrix):
+        return jnp.swapaxes(dequantize(q.t, dtype), -1, -2)
     if not isinstance(q, QuantizedArray):
-        raise TypeError(f"q must be a QuantizedArray, got {type(q).__name__}")
+        raise TypeError(f"q must be a QuantizedArray or QuantizedMatrix, got {type(q).__name__}")
     out_dtype = q.dtype if dtype is None else _check_float_dtype(dtype, "dtype")
     k = _check_k(q.k)
     scale_format = _check_scale_format(q.scale_format)

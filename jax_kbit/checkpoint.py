@@ -1,20 +1,26 @@
-"""Saving and loading parameter trees that hold ``QuantizedArray`` leaves.
+"""Saving and loading parameter trees that hold ``QuantizedArray`` and ``QuantizedMatrix`` leaves.
 
 Two containers:
 
 - **safetensors** (``save_safetensors`` / ``load_safetensors``): one file that other tools can read. A
   quantized leaf at path ``p`` is stored as the tensors ``p.packed``, ``p.scales``, ``p.codebook`` and
-  ``p.tensor_scale``; plain array leaves are stored under ``p``. The header's ``__metadata__`` holds, under
-  the key ``"jax_kbit"``, a JSON object ``{"format": "jax-kbit", "format_version": 1, "quantized": {p: {"k",
-  "d", "dtype", "scale_format", "shape"}}}``. A leaf's path is its keys joined with ``"."`` (dict keys,
+  ``p.tensor_scale`` (for a ``QuantizedMatrix``, those of its ``QuantizedArray`` ``t`` of ``W^T``); plain
+  array leaves are stored under ``p``. The header's ``__metadata__`` holds, under the key ``"jax_kbit"``, a
+  JSON object ``{"format": "jax-kbit", "format_version": V, "quantized": {p: {"k", "d", "dtype",
+  "scale_format", "shape"[, "layout"]}}}``. ``k``, ``d``, ``dtype`` and ``scale_format`` describe the stored
+  format-v1 array; ``shape`` is the leaf's logical shape. Version 1 (written when the tree holds no
+  ``QuantizedMatrix``, so older jax-kbit releases read it) has no ``layout``: every entry is a
+  ``QuantizedArray``. Version 2 gives every entry a ``layout``: ``"array"``, or ``"matrix"`` for a
+  ``QuantizedMatrix`` whose tensors are those of ``W^T`` (``[..., out, in]``, blocks along ``in``) and whose
+  ``shape`` is ``W``'s ``[..., in, out]``. A leaf's path is its keys joined with ``"."`` (dict keys,
   sequence indices and attribute names as strings), so a flat dict with dotted names (a Hugging Face
-  checkpoint) keeps its tensor names. Files without that entry (ordinary safetensors checkpoints) load as
-  plain trees.
+  checkpoint) keeps its tensor names. Files without the ``"jax_kbit"`` entry (ordinary safetensors
+  checkpoints) load as plain trees.
 - **orbax** (``save_checkpoint`` / ``restore_checkpoint``): a directory written with orbax-checkpoint's
   composite checkpointer: item ``state`` holds every array as a nested dict, item ``kbit`` a JSON record of
-  each leaf's path, kind, shape, dtype and (for quantized leaves) ``k``, ``d``, ``dtype`` and
-  ``scale_format``. Restoring with a ``target`` tree gives back the target's containers and shardings
-  after checking that the structures agree.
+  each leaf's path, kind, shape, dtype and (for quantized leaves) ``k``, ``d``, ``dtype``, ``scale_format``
+  and (version 2, as above) ``layout``. Restoring with a ``target`` tree gives back the target's containers
+  and shardings after checking that the structures agree.
 
 Both round-trip every bit of every leaf. Writes are atomic: a temporary file or directory next to the
 destination is renamed into place once complete.
@@ -36,10 +42,14 @@ import ml_dtypes
 import numpy as np
 
 from jax_kbit.quantized_array import QuantizedArray
+from jax_kbit.quantized_matrix import QuantizedMatrix
 from jax_kbit.reference import SCALE_DTYPES
 
 FORMAT_NAME = "jax-kbit"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The newest container version this release writes (only for trees with ``QuantizedMatrix`` leaves)."""
+READABLE_VERSIONS = (1, 2)
+LAYOUTS = ("array", "matrix")
 METADATA_KEY = "jax_kbit"
 QUANTIZED_FIELDS = ("packed", "scales", "codebook", "tensor_scale")
 
@@ -102,11 +112,25 @@ def _key_str(key: Any) -> str:
 
 
 def _is_qa(x: Any) -> bool:
-    return isinstance(x, QuantizedArray)
+    return isinstance(x, (QuantizedArray, QuantizedMatrix))
+
+
+def _stored(leaf: QuantizedArray | QuantizedMatrix) -> QuantizedArray:
+    """The format-v1 array whose four tensors are stored for a quantized leaf."""
+    return leaf.t if isinstance(leaf, QuantizedMatrix) else leaf
+
+
+def _layout(leaf: QuantizedArray | QuantizedMatrix) -> str:
+    return "matrix" if isinstance(leaf, QuantizedMatrix) else "array"
+
+
+def _version_for(leaves: list[tuple[str, Any]]) -> int:
+    """1 when no leaf is a ``QuantizedMatrix`` (readable by jax-kbit 0.1), else 2."""
+    return 2 if any(isinstance(leaf, QuantizedMatrix) for _, leaf in leaves) else 1
 
 
 def named_leaves(tree: Any) -> list[tuple[str, Any]]:
-    """``[(path, leaf)]`` with ``QuantizedArray`` kept whole and paths joined with ``"."``."""
+    """``[(path, leaf)]`` with ``QuantizedArray`` / ``QuantizedMatrix`` kept whole, paths joined with ``"."``."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_qa)
     out, seen = [], set()
     for path, leaf in flat:
@@ -129,14 +153,46 @@ def _host(a: Any, name: str) -> np.ndarray:
     return arr if arr.flags.c_contiguous else arr.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)
 
 
-def _quantized_meta(q: QuantizedArray) -> dict[str, Any]:
-    return {
+def _quantized_meta(leaf: QuantizedArray | QuantizedMatrix, version: int) -> dict[str, Any]:
+    q = _stored(leaf)
+    meta = {
         "k": int(q.k),
         "d": int(q.d),
         "dtype": np.dtype(q.dtype).name,
         "scale_format": str(q.scale_format),
-        "shape": [int(s) for s in q.shape],
+        "shape": [int(s) for s in leaf.shape],
     }
+    if version >= 2:
+        meta["layout"] = _layout(leaf)
+    return meta
+
+
+def _rebuild(
+    parts: Mapping[str, Any], meta: Mapping[str, Any], version: int, where: str
+) -> QuantizedArray | QuantizedMatrix:
+    """The quantized leaf described by ``meta`` (one entry of the metadata) over its four stored tensors.
+
+    Raises CheckpointFormatError for inconsistent metadata (unknown layout, shape that the tensors do not
+    have, a version-2 entry without a layout).
+    """
+    layout = meta.get("layout", "array") if version >= 2 else "array"
+    if version >= 2 and "layout" not in meta:
+        raise CheckpointFormatError(f"{where}: no 'layout' in a version {version} record")
+    if layout not in LAYOUTS:
+        raise CheckpointFormatError(f"{where}: unknown layout {layout!r} (expected one of {LAYOUTS})")
+    scale_format = meta["scale_format"]
+    if scale_format not in SCALE_DTYPES or np.dtype(parts["scales"].dtype) != SCALE_DTYPES[scale_format]:
+        raise CheckpointFormatError(f"{where}: scales do not match scale_format {scale_format!r}")
+    q = QuantizedArray(
+        **parts, k=meta["k"], d=meta["d"], dtype=np.dtype(meta["dtype"]), scale_format=scale_format
+    )
+    leaf = QuantizedMatrix(q) if layout == "matrix" else q
+    if "shape" in meta and list(leaf.shape) != list(meta["shape"]):
+        raise CheckpointFormatError(
+            f"{where}: the tensors give a {type(leaf).__name__} of shape {leaf.shape}, the metadata says "
+            f"{tuple(meta['shape'])}"
+        )
+    return leaf
 
 
 def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
@@ -171,10 +227,10 @@ def _atomic_target(path: Path) -> Path:
 
 
 def save_safetensors(tree: Any, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> Path:
-    """Write ``tree`` (arrays and ``QuantizedArray`` leaves) to a safetensors file, atomically.
+    """Write ``tree`` (arrays, ``QuantizedArray`` and ``QuantizedMatrix`` leaves) to a safetensors file, atomically.
 
     Args:
-      tree: a pytree (usually a dict) of arrays and ``QuantizedArray`` s.
+      tree: a pytree (usually a dict) of arrays, ``QuantizedArray`` s and ``QuantizedMatrix`` es.
       path: destination file; its directory must exist. Written to a temporary file in the same directory
         and renamed into place, so a reader never sees a half-written file.
       metadata: extra ``str -> str`` entries for the header (the key ``"jax_kbit"`` is reserved).
@@ -199,17 +255,20 @@ def save_safetensors(tree: Any, path: str | os.PathLike, metadata: Mapping[str, 
             raise ValueError(f"two tensors would be stored under the name {name!r}")
         tensors[name] = arr
 
-    for name, leaf in named_leaves(tree):
+    leaves = named_leaves(tree)
+    version = _version_for(leaves)
+    for name, leaf in leaves:
         if _is_qa(leaf):
-            quantized[name] = _quantized_meta(leaf)
+            quantized[name] = _quantized_meta(leaf, version)
+            stored = _stored(leaf)
             for field in QUANTIZED_FIELDS:
-                put(f"{name}.{field}", _host(getattr(leaf, field), f"{name}.{field}"))
+                put(f"{name}.{field}", _host(getattr(stored, field), f"{name}.{field}"))
         else:
             put(name, _host(leaf, name))
 
     header_meta = dict(user_meta)
     header_meta[METADATA_KEY] = json.dumps(
-        {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "quantized": quantized}, sort_keys=True
+        {"format": FORMAT_NAME, "format_version": version, "quantized": quantized}, sort_keys=True
     )
     from safetensors import TensorSpec, serialize_file
 
@@ -282,10 +341,10 @@ def _kbit_meta(meta: Mapping[str, str], where: str) -> dict[str, Any] | None:
     if not isinstance(info, dict) or info.get("format") != FORMAT_NAME:
         raise CheckpointFormatError(f"{where}: the {METADATA_KEY!r} metadata is not a jax-kbit record")
     version = info.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
         raise CheckpointFormatError(
-            f"{where}: jax-kbit format version {version!r} is not supported (this jax-kbit reads version "
-            f"{FORMAT_VERSION}); use the jax-kbit release that wrote it"
+            f"{where}: jax-kbit format version {version!r} is not supported (this jax-kbit reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}); use the jax-kbit release that wrote it"
         )
     return info
 
@@ -299,8 +358,8 @@ def load_safetensors(path: str | os.PathLike, *, nested: bool = True, as_numpy: 
       as_numpy: leave leaves as NumPy arrays instead of ``jax.Array`` s.
 
     Returns:
-      A dict whose quantized leaves are ``QuantizedArray`` s (rebuilt from the jax-kbit metadata) and whose
-      other leaves are arrays.
+      A dict whose quantized leaves are ``QuantizedArray`` s and ``QuantizedMatrix`` es (rebuilt from the
+      jax-kbit metadata) and whose other leaves are arrays.
 
     Raises:
       FileNotFoundError: the path does not exist. CheckpointFormatError (a ValueError): not a safetensors
@@ -328,6 +387,7 @@ def load_safetensors(path: str | os.PathLike, *, nested: bool = True, as_numpy: 
 
     flat: dict[str, Any] = {}
     quantized = (info or {}).get("quantized", {})
+    version = (info or {}).get("format_version", 1)
     used: set[str] = set()
     for name, q in sorted(quantized.items()):
         parts = {}
@@ -338,13 +398,10 @@ def load_safetensors(path: str | os.PathLike, *, nested: bool = True, as_numpy: 
             parts[field] = conv(tensors[key])
             used.add(key)
         try:
-            scale_format = q["scale_format"]
-            if np.dtype(parts["scales"].dtype) != SCALE_DTYPES[scale_format]:
-                raise CheckpointFormatError(f"{str(path)!r}: {name}.scales does not match {scale_format}")
-            flat[name] = QuantizedArray(
-                **parts, k=q["k"], d=q["d"], dtype=np.dtype(q["dtype"]), scale_format=scale_format
-            )
-        except (KeyError, TypeError) as err:
+            flat[name] = _rebuild(parts, q, version, f"{str(path)!r}: quantized leaf {name!r}")
+        except (KeyError, TypeError, ValueError) as err:
+            if isinstance(err, CheckpointFormatError):
+                raise
             raise CheckpointFormatError(f"{str(path)!r}: bad metadata for quantized leaf {name!r}") from err
     for name, arr in tensors.items():
         if name not in used:
@@ -356,15 +413,18 @@ def load_safetensors(path: str | os.PathLike, *, nested: bool = True, as_numpy: 
 # ---------------------------------------------------------------- orbax
 
 
-def _records(tree: Any) -> list[dict[str, Any]]:
+def _records(tree: Any, version: int | None = None) -> list[dict[str, Any]]:
+    leaves = named_leaves(tree)
+    version = _version_for(leaves) if version is None else version
     recs = []
-    for name, leaf in named_leaves(tree):
+    for name, leaf in leaves:
         if _is_qa(leaf):
-            rec = {"path": name, "kind": "quantized", **_quantized_meta(leaf)}
+            rec = {"path": name, "kind": "quantized", **_quantized_meta(leaf, version)}
+            stored = _stored(leaf)
             rec["fields"] = {
                 f: {
-                    "shape": [int(s) for s in getattr(leaf, f).shape],
-                    "dtype": np.dtype(getattr(leaf, f).dtype).name,
+                    "shape": [int(s) for s in getattr(stored, f).shape],
+                    "dtype": np.dtype(getattr(stored, f).dtype).name,
                 }
                 for f in QUANTIZED_FIELDS
             }
@@ -382,7 +442,7 @@ def _state_of(tree: Any) -> dict[str, Any]:
     state: dict[str, Any] = {}
     for name, leaf in named_leaves(tree):
         if _is_qa(leaf):
-            state[name] = {f: getattr(leaf, f) for f in QUANTIZED_FIELDS}
+            state[name] = {f: getattr(_stored(leaf), f) for f in QUANTIZED_FIELDS}
         else:
             state[name] = leaf if hasattr(leaf, "dtype") else np.asarray(leaf)
     return state
@@ -394,12 +454,12 @@ def _escape(name: str) -> str:
 
 
 def save_checkpoint(directory: str | os.PathLike, tree: Any, *, force: bool = False) -> Path:
-    """Save ``tree`` (arrays and ``QuantizedArray`` leaves) as an orbax checkpoint directory.
+    """Save ``tree`` (arrays, ``QuantizedArray`` and ``QuantizedMatrix`` leaves) as an orbax checkpoint directory.
 
     Args:
       directory: destination; must not exist unless ``force`` (then it is replaced once the new one is
         complete).
-      tree: any pytree of arrays and ``QuantizedArray`` s.
+      tree: any pytree of arrays, ``QuantizedArray`` s and ``QuantizedMatrix`` es.
     """
     import orbax.checkpoint as ocp
 
@@ -407,9 +467,10 @@ def save_checkpoint(directory: str | os.PathLike, tree: Any, *, force: bool = Fa
     parent = _atomic_target(directory)
     if directory.exists() and not force:
         raise FileExistsError(f"{str(directory)!r} exists; pass force=True to replace it")
-    recs = _records(tree)
+    version = _version_for(named_leaves(tree))
+    recs = _records(tree, version)
     state = {_escape(k): v for k, v in _state_of(tree).items()}
-    meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "leaves": recs}
+    meta = {"format": FORMAT_NAME, "format_version": version, "leaves": recs}
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=parent))
     shutil.rmtree(tmp)
     try:
@@ -430,8 +491,9 @@ def save_checkpoint(directory: str | os.PathLike, tree: Any, *, force: bool = Fa
 
 def _describe(rec: dict[str, Any]) -> str:
     if rec["kind"] == "quantized":
+        cls = "QuantizedMatrix" if rec.get("layout", "array") == "matrix" else "QuantizedArray"
         return (
-            f"QuantizedArray(shape={tuple(rec['shape'])}, k={rec['k']}, dtype={rec['dtype']}, "
+            f"{cls}(shape={tuple(rec['shape'])}, k={rec['k']}, dtype={rec['dtype']}, "
             f"scale_format={rec['scale_format']})"
         )
     return f"array(shape={tuple(rec['shape'])}, dtype={rec['dtype']})"
@@ -452,8 +514,12 @@ def _compare(saved: list[dict[str, Any]], target: list[dict[str, Any]], where: s
             f"in the checkpoint but not the target: {extra[:8]}{' ...' if len(extra) > 8 else ''}"
         )
     keys = ("kind", "shape", "dtype", "k", "d", "scale_format")
+
+    def layout(rec: dict[str, Any]) -> str | None:
+        return rec.get("layout", "array") if rec["kind"] == "quantized" else None
+
     for p in t:
-        if p in s and any(s[p].get(key) != t[p].get(key) for key in keys):
+        if p in s and (any(s[p].get(key) != t[p].get(key) for key in keys) or layout(s[p]) != layout(t[p])):
             problems.append(f"{p}: checkpoint has {_describe(s[p])}, target wants {_describe(t[p])}")
     if problems:
         raise ValueError(
@@ -474,7 +540,7 @@ def restore_checkpoint(directory: str | os.PathLike, target: Any = None) -> Any:
     Args:
       directory: the checkpoint directory.
       target: optional tree of the expected structure (concrete arrays, ``jax.ShapeDtypeStruct`` s, or
-        ``QuantizedArray`` s of either, e.g. from ``jax.eval_shape``). With it, the result has the target's
+        ``QuantizedArray`` s / ``QuantizedMatrix`` es of either, e.g. from ``jax.eval_shape``). With it, the result has the target's
         containers and its leaves' shardings; without it, a nested dict (paths split at ``"."``).
 
     Raises:
@@ -493,16 +559,18 @@ def restore_checkpoint(directory: str | os.PathLike, target: Any = None) -> Any:
     meta = ckptr.restore(directory, ocp.args.Composite(kbit=ocp.args.JsonRestore()))["kbit"]
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise CheckpointFormatError(f"{str(directory)!r} is not a jax-kbit orbax checkpoint")
-    if meta.get("format_version") != FORMAT_VERSION:
+    version = meta.get("format_version")
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
         raise CheckpointFormatError(
-            f"{str(directory)!r}: jax-kbit format version {meta.get('format_version')!r} is not supported "
-            f"(this jax-kbit reads version {FORMAT_VERSION})"
+            f"{str(directory)!r}: jax-kbit format version {version!r} is not supported "
+            f"(this jax-kbit reads versions {', '.join(map(str, READABLE_VERSIONS))})"
         )
     saved = meta["leaves"]
     likes: dict[str, Any] = {}
     if target is not None:
-        _compare(saved, _records(target), str(directory))
-        likes = dict(named_leaves(target))
+        # The target's records always name their layout (a version-1 checkpoint's lack one: "array").
+        _compare(saved, _records(target, 2), str(directory))
+        likes = {name: _stored(v) if _is_qa(v) else v for name, v in named_leaves(target)}
 
     abstract: dict[str, Any] = {}
     for rec in saved:
@@ -520,13 +588,11 @@ def restore_checkpoint(directory: str | os.PathLike, target: Any = None) -> Any:
     for rec in saved:
         value = state[_escape(rec["path"])]
         if rec["kind"] == "quantized":
-            value = QuantizedArray(
-                **{f: value[f] for f in QUANTIZED_FIELDS},
-                k=rec["k"],
-                d=rec["d"],
-                dtype=np.dtype(rec["dtype"]),
-                scale_format=rec["scale_format"],
-            )
+            where = f"{str(directory)!r}: quantized leaf {rec['path']!r}"
+            try:
+                value = _rebuild({f: value[f] for f in QUANTIZED_FIELDS}, rec, version, where)
+            except (KeyError, TypeError) as err:
+                raise CheckpointFormatError(f"{where}: bad metadata") from err
         flat[rec["path"]] = value
     if target is None:
         return _nest(flat)

@@ -1,10 +1,11 @@
 """Quantizing whole parameter trees: selection rules, mixed precision, fitted codebooks and a report.
 
 ``quantize_params`` walks any pytree of arrays (Flax ``params`` dicts, ``nnx.State``, plain dicts and
-lists) and replaces the leaves it selects with ``QuantizedArray``; ``dequantize_params`` undoes it and
-``compression_report`` compares the two trees. Leaves are named by their key path joined with ``/``
-(``"layers/0/attn/q/kernel"``); ``Rule`` patterns are regular expressions searched in that name.
-See docs/PARAMS.md.
+lists) and replaces the leaves it selects with ``QuantizedArray`` (blocks along the last axis) or, for
+weight matrices that ``jax_kbit.matmul`` multiplies, ``QuantizedMatrix`` (blocks along the reduction axis;
+the ``layout`` option); ``dequantize_params`` undoes it and ``compression_report`` compares the two trees.
+Leaves are named by their key path joined with ``/`` (``"layers/0/attn/q/kernel"``); ``Rule`` patterns are
+regular expressions searched in that name. See docs/PARAMS.md.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,9 @@ import numpy as np
 
 from jax_kbit import codebooks as _codebooks
 from jax_kbit.api import dequantize, quantize
+from jax_kbit.matmul import quantize_matrix
 from jax_kbit.quantized_array import QuantizedArray
+from jax_kbit.quantized_matrix import QuantizedMatrix
 from jax_kbit.reference import (
     BLOCK,
     FLOAT_DTYPES,
@@ -33,6 +36,8 @@ from jax_kbit.reference import (
 )
 
 __all__ = [
+    "LAYOUTS",
+    "Layout",
     "Report",
     "ReportRow",
     "Rule",
@@ -45,9 +50,28 @@ __all__ = [
 
 _CODEBOOK_NAMES = ("lloyd_max", "normal_float", "uniform", "nf4", "fit")
 
+Layout = Literal["auto", "matrix", "array"]
+"""How ``quantize_params`` stores a selected leaf.
+
+- ``"array"``: ``QuantizedArray`` of the leaf, blocks of 32 along its last axis (``jax_kbit.quantize``).
+- ``"matrix"``: ``QuantizedMatrix`` of the leaf read as ``[..., in, out]``, blocks along ``in``
+  (``jax_kbit.quantize_matrix``): what ``jax_kbit.matmul`` and the Flax layers multiply without
+  materialising the weight. Needs rank >= 2.
+- ``"auto"``: ``"matrix"`` for a Flax ``Dense`` / ``nnx.Linear`` kernel, i.e. a rank-2 leaf whose last key
+  is ``kernel``; ``"array"`` for everything else.
+"""
+LAYOUTS: tuple[str, ...] = get_args(Layout)
+
 
 def _is_qa(x: Any) -> bool:
-    return isinstance(x, QuantizedArray)
+    """A quantized leaf: ``QuantizedArray`` or ``QuantizedMatrix`` (both are kept whole when flattening)."""
+    return isinstance(x, (QuantizedArray, QuantizedMatrix))
+
+
+def _check_layout(layout: Any, what: str) -> str:
+    if not isinstance(layout, str) or layout not in LAYOUTS:
+        raise ValueError(f"{what}: layout must be one of {LAYOUTS}, got {layout!r}")
+    return layout
 
 
 def _key_str(key: Any) -> str:
@@ -104,6 +128,8 @@ class Rule:
         ``"uniform"``, ``"nf4"``) or ``"fit"`` (``fit_codebook`` per tensor).
       scale_format: ``"e4m4"``, ``"f16"`` or ``"f32"``.
       skip: leave matching leaves untouched.
+      layout: ``"auto"``, ``"matrix"`` (``QuantizedMatrix``, blocks along the reduction axis of a weight
+        ``[..., in, out]``) or ``"array"`` (``QuantizedArray``, blocks along the last axis); see ``Layout``.
     """
 
     pattern: str
@@ -113,6 +139,7 @@ class Rule:
     codebook: Any = field(default=None, compare=False)
     scale_format: str | None = None
     skip: bool = False
+    layout: Layout | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.pattern, str):
@@ -132,6 +159,8 @@ class Rule:
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0):
                 raise ValueError(f"Rule.{name} must be a non-negative int, got {v!r}")
         _check_codebook_spec(self.codebook, f"Rule({self.pattern!r})")
+        if self.layout is not None:
+            _check_layout(self.layout, f"Rule({self.pattern!r})")
 
     def matches(self, path: str) -> bool:
         return re.search(self.pattern, path) is not None
@@ -144,6 +173,7 @@ class _Settings:
     min_rank: int
     codebook: Any
     scale_format: str
+    layout: str = "auto"
 
 
 def _check_rules(rules: Any) -> tuple[Rule, ...]:
@@ -171,8 +201,43 @@ def _decide(path: str, rules: tuple[Rule, ...], default: _Settings, hits: list[i
                 min_rank=default.min_rank if rule.min_rank is None else int(rule.min_rank),
                 codebook=default.codebook if rule.codebook is None else rule.codebook,
                 scale_format=default.scale_format if rule.scale_format is None else rule.scale_format,
+                layout=default.layout if rule.layout is None else rule.layout,
             )
     return default
+
+
+def _resolve_layout(layout: str, path: str, leaf: Any) -> str:
+    """``"matrix"`` or ``"array"`` for a leaf that will be quantized (``"auto"`` decided from name and rank)."""
+    ndim = len(leaf.shape)
+    if layout == "auto":
+        return "matrix" if ndim == 2 and path.rsplit("/", 1)[-1] == "kernel" else "array"
+    if layout == "matrix" and ndim < 2:
+        raise ValueError(
+            f"{path}: layout='matrix' needs a weight of rank >= 2 ([..., in, out]), got shape "
+            f"{tuple(leaf.shape)}; use layout='array' (e.g. in a Rule) for this leaf"
+        )
+    return layout
+
+
+def _is_fit(codebook: Any) -> bool:
+    return isinstance(codebook, str) and codebook == "fit"
+
+
+def _quantize_leaf(leaf: Any, settings: _Settings, path: str) -> QuantizedArray | QuantizedMatrix:
+    """One selected leaf, quantized with ``settings`` in its resolved layout."""
+    layout = _resolve_layout(settings.layout, path, leaf)
+    # A fitted codebook is fitted to the values as they are blocked: along `in` for a matrix.
+    blocked = _swap_last_two(leaf) if layout == "matrix" and _is_fit(settings.codebook) else leaf
+    cb = _resolve_codebook(settings.codebook, settings.k, blocked, settings.scale_format, path)
+    if layout == "matrix":
+        return quantize_matrix(leaf, settings.k, codebook=cb, scale_format=settings.scale_format)
+    return quantize(leaf, settings.k, codebook=cb, scale_format=settings.scale_format)
+
+
+def _swap_last_two(x: Any) -> Any:
+    if isinstance(x, np.ndarray):
+        return np.swapaxes(x, -1, -2)
+    return jnp.swapaxes(x, -1, -2)
 
 
 def _quantizable(leaf: Any, s: _Settings) -> bool:
@@ -218,15 +283,19 @@ def quantize_params(
     min_size: int = 4096,
     codebook: Any = None,
     scale_format: str = "e4m4",
+    layout: Layout = "auto",
 ) -> Any:
-    """Replace selected float leaves of a pytree with ``QuantizedArray`` (blocks along each leaf's last axis).
+    """Replace selected float leaves of a pytree with ``QuantizedMatrix`` or ``QuantizedArray``.
 
     By default every float16 / bfloat16 / float32 leaf of rank >= 2 with at least ``min_size`` elements is
-    quantized to ``k`` bits with ``codebook`` and ``scale_format``. ``rules`` refine that per leaf: the first
-    ``Rule`` whose pattern matches the leaf's ``/``-joined path decides (skip it, or quantize it with its own
-    k / codebook / scale format / thresholds); leaves no rule matches use the defaults. A rule that decides
-    for no leaf triggers a ``UserWarning`` naming it. Leaves that cannot be quantized (integer or bool
-    dtypes, scalars, non-arrays) and leaves that already are ``QuantizedArray`` are returned as they are.
+    quantized to ``k`` bits with ``codebook`` and ``scale_format``: Flax ``Dense`` / ``nnx.Linear`` kernels
+    (rank-2 leaves whose last key is ``kernel``) as ``QuantizedMatrix`` (blocks along ``in``, ready for
+    ``jax_kbit.matmul``; the transpose happens here, once), everything else as ``QuantizedArray`` (blocks
+    along the last axis). ``rules`` refine that per leaf: the first ``Rule`` whose pattern matches the leaf's
+    ``/``-joined path decides (skip it, or quantize it with its own k / codebook / scale format / layout /
+    thresholds); leaves no rule matches use the defaults. A rule that decides for no leaf triggers a
+    ``UserWarning`` naming it. Leaves that cannot be quantized (integer or bool dtypes, scalars, non-arrays)
+    and leaves that already are ``QuantizedArray`` / ``QuantizedMatrix`` are returned as they are.
 
     Args:
       params: any pytree.
@@ -236,9 +305,12 @@ def quantize_params(
       codebook: default codebook: ``None`` (``lloyd_max(k)``), a name (``"lloyd_max"``, ``"normal_float"``,
         ``"uniform"``, ``"nf4"``), ``"fit"`` (``fit_codebook`` on each tensor) or a float32 array of ``2**k``.
       scale_format: default block scale format (``"e4m4"``, ``"f16"`` or ``"f32"``).
+      layout: default storage (``Layout``): ``"auto"`` (matrices for Flax kernels, arrays otherwise),
+        ``"matrix"`` (every selected leaf, read as ``[..., in, out]``; rank >= 2) or ``"array"`` (every
+        selected leaf, blocks along its last axis: the layout of jax-kbit 0.1).
 
     Returns:
-      A pytree of the same structure with some leaves replaced by ``QuantizedArray``.
+      A pytree of the same structure with some leaves replaced by ``QuantizedMatrix`` / ``QuantizedArray``.
     """
     k = _check_k(k, "quantize_params")
     if scale_format not in SCALE_FORMATS:
@@ -246,8 +318,11 @@ def quantize_params(
     if isinstance(min_size, bool) or not isinstance(min_size, (int, np.integer)) or min_size < 0:
         raise ValueError(f"min_size must be a non-negative int, got {min_size!r}")
     _check_codebook_spec(codebook, "quantize_params")
+    layout = _check_layout(layout, "quantize_params")
     rules = _check_rules(rules)
-    default = _Settings(k=k, min_size=int(min_size), min_rank=2, codebook=codebook, scale_format=scale_format)
+    default = _Settings(
+        k=k, min_size=int(min_size), min_rank=2, codebook=codebook, scale_format=scale_format, layout=layout
+    )
     hits = [0] * len(rules)
 
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_qa)
@@ -261,8 +336,7 @@ def quantize_params(
         if settings is None or not _quantizable(leaf, settings):
             out.append(leaf)
             continue
-        cb = _resolve_codebook(settings.codebook, settings.k, leaf, settings.scale_format, path)
-        out.append(quantize(leaf, settings.k, codebook=cb, scale_format=settings.scale_format))
+        out.append(_quantize_leaf(leaf, settings, path))
     for rule, n in zip(rules, hits):
         if n == 0:
             warnings.warn(
@@ -273,9 +347,20 @@ def quantize_params(
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
+def _dequantize_leaf(x: QuantizedArray | QuantizedMatrix, dtype: Any = None) -> jax.Array:
+    """The dense array a quantized leaf stands for (``[..., in, out]`` for a ``QuantizedMatrix``)."""
+    return x.dequantize(dtype) if isinstance(x, QuantizedMatrix) else dequantize(x, dtype)
+
+
 def dequantize_params(tree: Any, dtype: Any = None) -> Any:
-    """Replace every ``QuantizedArray`` leaf with its dequantized array (``dtype``: default the original)."""
-    return jax.tree_util.tree_map(lambda x: dequantize(x, dtype) if _is_qa(x) else x, tree, is_leaf=_is_qa)
+    """Replace every ``QuantizedArray`` / ``QuantizedMatrix`` leaf with the dense array it stands for.
+
+    ``dtype``: default the original dtype. A ``QuantizedMatrix`` comes back in its logical ``[..., in, out]``
+    shape, so the result has the same shapes as the tree that was quantized.
+    """
+    return jax.tree_util.tree_map(
+        lambda x: _dequantize_leaf(x, dtype) if _is_qa(x) else x, tree, is_leaf=_is_qa
+    )
 
 
 # ---------------------------------------------------------------- report
@@ -283,7 +368,12 @@ def dequantize_params(tree: Any, dtype: Any = None) -> Any:
 
 @dataclass(frozen=True)
 class ReportRow:
-    """One leaf of a ``compression_report``. ``k`` and ``sqnr_db`` are None for leaves kept as they were."""
+    """One leaf of a ``compression_report``.
+
+    ``k``, ``sqnr_db`` and ``layout`` are None for leaves kept as they were; ``layout`` is ``"matrix"``
+    (``QuantizedMatrix``) or ``"array"`` (``QuantizedArray``) for quantized ones. ``shape`` is the original
+    leaf's shape in both layouts.
+    """
 
     path: str
     shape: tuple[int, ...]
@@ -293,6 +383,7 @@ class ReportRow:
     bytes_before: int
     bytes_after: int
     sqnr_db: float | None
+    layout: str | None = None
 
 
 def _fmt_bytes(n: float) -> str:
@@ -360,7 +451,11 @@ class Report:
         return {"rows": rows, "totals": self.totals()}
 
     def __str__(self) -> str:
+        # The layout column appears only when some leaf is a QuantizedMatrix (trees quantized with the
+        # layout of jax-kbit 0.1 print as they always did).
+        with_layout = any(r.layout == "matrix" for r in self.rows)
         head = ("path", "shape", "dtype", "k", "bits/el", "before", "after", "SQNR dB")
+        head += ("layout",) if with_layout else ()
         body = [
             (
                 r.path,
@@ -372,6 +467,7 @@ class Report:
                 _fmt_bytes(r.bytes_after),
                 "-" if r.sqnr_db is None else f"{r.sqnr_db:.2f}",
             )
+            + ((r.layout or "-",) if with_layout else ())
             for r in self.rows
         ]
         widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(head)]
@@ -404,7 +500,8 @@ def compression_report(original: Any, quantized: Any) -> Report:
     """Compare ``original`` with ``quantize_params(original, ...)``: one row per array leaf, plus totals.
 
     SQNR is ``10 log10(sum x^2 / sum (x - x_hat)^2)`` over the leaf (``inf`` when exact); byte counts are
-    the array bytes (``QuantizedArray.nbytes``: codes, scales, codebook and tensor scale).
+    the array bytes (``QuantizedArray.nbytes`` / ``QuantizedMatrix.nbytes``: codes, scales, codebook and
+    tensor scale). A ``QuantizedMatrix`` is compared in its logical ``[..., in, out]`` shape.
     """
     orig, _ = jax.tree_util.tree_flatten_with_path(original, is_leaf=_is_qa)
     quant, _ = jax.tree_util.tree_flatten_with_path(quantized, is_leaf=_is_qa)
@@ -416,7 +513,7 @@ def compression_report(original: Any, quantized: Any) -> Report:
         if key_path_str(path_q) != name:
             raise ValueError(f"tree structures differ: {name!r} vs {key_path_str(path_q)!r}")
         if _is_qa(a):
-            raise ValueError(f"{name}: the original tree already holds a QuantizedArray")
+            raise ValueError(f"{name}: the original tree already holds a {type(a).__name__}")
         if not (hasattr(a, "shape") and hasattr(a, "dtype")):
             continue
         shape = tuple(int(s) for s in a.shape)
@@ -426,7 +523,7 @@ def compression_report(original: Any, quantized: Any) -> Report:
             if b.shape != shape:
                 raise ValueError(f"{name}: quantized shape {b.shape} != original {shape}")
             after = b.nbytes
-            sqnr = float(_sqnr_db(jnp.asarray(a), dequantize(b, jnp.float32))) if n else None
+            sqnr = float(_sqnr_db(jnp.asarray(a), _dequantize_leaf(b, jnp.float32))) if n else None
             if sqnr is not None and math.isnan(sqnr):
                 sqnr = None
             rows.append(
@@ -439,6 +536,7 @@ def compression_report(original: Any, quantized: Any) -> Report:
                     before,
                     after,
                     sqnr,
+                    "matrix" if isinstance(b, QuantizedMatrix) else "array",
                 )
             )
         else:

@@ -21,7 +21,11 @@ pytestmark = pytest.mark.usefixtures("cpu")
 
 
 def _is_qa(x):
-    return isinstance(x, jk.QuantizedArray)
+    return isinstance(x, (jk.QuantizedArray, jk.QuantizedMatrix))
+
+
+def _stored(x):
+    return x.t if isinstance(x, jk.QuantizedMatrix) else x
 
 
 def make_tree(rng):
@@ -43,6 +47,15 @@ def make_tree(rng):
     }
 
 
+def make_tree_with_matrices(rng):
+    w = rng.standard_normal((100, 40)).astype(np.float32)
+    return {
+        "dense": {"kernel": jk.quantize_matrix(w, 4), "bias": jnp.zeros(40, jnp.float32)},
+        "stack": jk.quantize_matrix(w.reshape(2, 50, 40).astype(BF16), 3, scale_format="f16"),
+        "table": jk.quantize(w, 5),
+    }
+
+
 def assert_same_tree(a, b):
     la, ta = jax.tree_util.tree_flatten(a, is_leaf=_is_qa)
     lb, tb = jax.tree_util.tree_flatten(b, is_leaf=_is_qa)
@@ -50,6 +63,8 @@ def assert_same_tree(a, b):
     for x, y in zip(la, lb):
         assert type(x) is type(y) or not (_is_qa(x) or _is_qa(y))
         if _is_qa(x):
+            assert x.shape == y.shape
+            x, y = _stored(x), _stored(y)
             assert (x.k, x.d, x.dtype, x.scale_format) == (y.k, y.d, y.dtype, y.scale_format)
             for f in ckpt.QUANTIZED_FIELDS:
                 assert_bitwise_equal(np.asarray(getattr(y, f)), np.asarray(getattr(x, f)), f, nan_bits=True)
@@ -97,7 +112,8 @@ def test_safetensors_readable_by_other_tools(tmp_path, rng):
         assert f"enc.w4.{field}" in names and f"layers.0.{field}" in names
     assert "layers.2" in names and "scalar" in names
     info = json.loads(meta["jax_kbit"])
-    assert info["format"] == "jax-kbit" and info["format_version"] == ckpt.FORMAT_VERSION
+    # no QuantizedMatrix: version 1, as jax-kbit 0.1 wrote (and reads)
+    assert info["format"] == "jax-kbit" and info["format_version"] == 1
     assert info["quantized"]["enc.w2_bf16"] == {
         "k": 2,
         "d": 100,
@@ -198,6 +214,78 @@ def test_safetensors_vmapped_quantized_array(tmp_path, rng):
     )
 
 
+def test_safetensors_quantized_matrix_round_trip_and_metadata(tmp_path, rng):
+    from safetensors import safe_open
+
+    tree = make_tree_with_matrices(rng)
+    path = ckpt.save_safetensors(tree, tmp_path / "m.safetensors")
+    back = ckpt.load_safetensors(path)
+    assert isinstance(back["dense"]["kernel"], jk.QuantizedMatrix) and isinstance(
+        back["table"], jk.QuantizedArray
+    )
+    assert_same_tree(back, tree)
+    x = jnp.asarray(rng.standard_normal((2, 100)), jnp.float32)
+    np.testing.assert_array_equal(
+        np.asarray(jk.matmul(x, back["dense"]["kernel"])), np.asarray(jk.matmul(x, tree["dense"]["kernel"]))
+    )
+    with safe_open(str(path), framework="np") as f:
+        info = json.loads(f.metadata()["jax_kbit"])
+        packed = f.get_tensor("dense.kernel.packed")
+    assert info["format_version"] == 2 == ckpt.FORMAT_VERSION
+    # the stored tensors are those of W^T ([out, nb, k]); shape is W's logical [in, out]
+    assert packed.shape == (40, 4, 4)
+    assert info["quantized"]["dense.kernel"] == {
+        "k": 4,
+        "d": 100,
+        "dtype": "float32",
+        "scale_format": "e4m4",
+        "shape": [100, 40],
+        "layout": "matrix",
+    }
+    assert (
+        info["quantized"]["stack"]["shape"] == [2, 50, 40] and info["quantized"]["table"]["layout"] == "array"
+    )
+
+
+def _rewrite_kbit_meta(src, dst, edit):
+    """Copy a safetensors file with its jax_kbit metadata changed by ``edit(info)``."""
+    from safetensors.numpy import save_file
+
+    with open(src, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    info = json.loads(header["__metadata__"]["jax_kbit"])
+    edit(info)
+    tensors = ckpt.load_safetensors(src, nested=False, as_numpy=True)
+    flat = {}
+    for name, leaf in tensors.items():
+        if _is_qa(leaf):
+            for field in ckpt.QUANTIZED_FIELDS:
+                flat[f"{name}.{field}"] = np.asarray(getattr(_stored(leaf), field))
+        else:
+            flat[name] = np.asarray(leaf)
+    save_file(flat, str(dst), metadata={"jax_kbit": json.dumps(info)})
+
+
+def test_safetensors_bad_layout_metadata(tmp_path, rng):
+    src = ckpt.save_safetensors(make_tree_with_matrices(rng), tmp_path / "m.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    cases = [
+        (lambda i: i["quantized"]["dense.kernel"].update(layout="columns"), "unknown layout 'columns'"),
+        (lambda i: i["quantized"]["dense.kernel"].pop("layout"), "no 'layout'"),
+        (lambda i: i["quantized"]["dense.kernel"].update(shape=[40, 100]), "metadata says"),
+        (lambda i: i["quantized"]["table"].update(layout="matrix"), "metadata says"),
+    ]
+    for edit, match in cases:
+        _rewrite_kbit_meta(src, bad, edit)
+        with pytest.raises(ckpt.CheckpointFormatError, match=match):
+            ckpt.load_safetensors(bad)
+    # a version-1 file has no layouts: its entries are arrays
+    _rewrite_kbit_meta(src, bad, lambda i: [i.update(format_version=1), i["quantized"].pop("dense.kernel")])
+    with pytest.raises(ckpt.CheckpointFormatError, match="metadata says"):  # 'stack' read as an array
+        ckpt.load_safetensors(bad)
+
+
 # ---------------------------------------------------------------- orbax
 
 
@@ -245,6 +333,30 @@ def test_orbax_target_mismatch_is_a_clear_error(saved, rng):
     plain = dict(tree, scalar=jnp.zeros((), jnp.float16))
     with pytest.raises(ValueError, match=r"scalar: checkpoint has array\(shape=\(\), dtype=float32\)"):
         ckpt.restore_checkpoint(path, target=plain)
+
+
+def test_orbax_quantized_matrix_round_trip(tmp_path, rng):
+    pytest.importorskip("orbax.checkpoint")
+    tree = make_tree_with_matrices(rng)
+    path = ckpt.save_checkpoint(tmp_path / "m", tree)
+    assert_same_tree(ckpt.restore_checkpoint(path, target=tree), tree)
+    back = ckpt.restore_checkpoint(path, target=jax.eval_shape(lambda: tree))
+    assert isinstance(back["dense"]["kernel"], jk.QuantizedMatrix)
+    assert_same_tree(back, tree)
+    assert_same_tree(ckpt.restore_checkpoint(path), tree)  # all keys are strings already
+    # a target that wants a QuantizedArray where the checkpoint has a QuantizedMatrix
+    other = dict(tree, dense=dict(tree["dense"], kernel=tree["dense"]["kernel"].t))
+    with pytest.raises(ValueError, match=r"dense\.kernel: checkpoint has QuantizedMatrix\(shape=\(100, 40\)"):
+        ckpt.restore_checkpoint(path, target=other)
+
+
+def test_orbax_version_1_checkpoint_and_matrix_target(saved):
+    tree, path = saved  # no matrices: written as version 1
+    other = dict(tree, enc=dict(tree["enc"], w4=jk.QuantizedMatrix(tree["enc"]["w4"])))
+    with pytest.raises(
+        ValueError, match=r"enc\.w4: checkpoint has QuantizedArray.*target wants QuantizedMatrix"
+    ):
+        ckpt.restore_checkpoint(path, target=other)
 
 
 def test_orbax_save_and_restore_errors(saved, tmp_path):

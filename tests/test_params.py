@@ -21,6 +21,10 @@ def _is_qa(x):
     return isinstance(x, jk.QuantizedArray)
 
 
+def _is_qm(x):
+    return isinstance(x, jk.QuantizedMatrix)
+
+
 def _tree(rng):
     return {
         "embed": {"table": rng.standard_normal((256, 64)).astype(np.float32)},
@@ -48,8 +52,9 @@ def test_default_selection_and_bitwise_leaves(rng):
     params = _tree(rng)
     q = jk.quantize_params(params, 3)
     assert _is_qa(q["embed"]["table"])
-    assert _is_qa(q["layers"][0]["attn"]["q"]["kernel"])
-    assert _is_qa(q["layers"][0]["mlp"]["up"]["kernel"])
+    # rank-2 leaves named "kernel" (Flax Dense / nnx.Linear) become QuantizedMatrix by default
+    assert _is_qm(q["layers"][0]["attn"]["q"]["kernel"])
+    assert _is_qm(q["layers"][0]["mlp"]["up"]["kernel"])
     # rank 1, too small, integer, non-arrays and scalars are returned untouched (same objects)
     for path in (("layers", 0, "mlp", "up", "bias"), ("layers", 0, "norm", "scale")):
         a, b = params, q
@@ -58,13 +63,15 @@ def test_default_selection_and_bitwise_leaves(rng):
         assert b is a
     assert q["small"] is params["small"] and q["ids"] is params["ids"] and q["scalar"] is params["scalar"]
     assert q["step"] == 3 and q["none"] is None
-    # a selected leaf is exactly jk.quantize(leaf, k)
+    # a selected kernel is exactly jk.quantize_matrix(leaf, k), any other leaf jk.quantize(leaf, k)
     leaf = params["layers"][0]["attn"]["q"]["kernel"]
-    want = jk.quantize(leaf, 3)
+    want = jk.quantize_matrix(leaf, 3)
     got = q["layers"][0]["attn"]["q"]["kernel"]
     assert got.k == 3 and got.dtype == BF16 and got.shape == leaf.shape
-    assert_bitwise_equal(np.asarray(got.packed), np.asarray(want.packed))
-    assert_bitwise_equal(np.asarray(got.scales), np.asarray(want.scales))
+    assert_bitwise_equal(np.asarray(got.t.packed), np.asarray(want.t.packed))
+    assert_bitwise_equal(np.asarray(got.t.scales), np.asarray(want.t.scales))
+    want = jk.quantize(params["embed"]["table"], 3)
+    assert_bitwise_equal(np.asarray(q["embed"]["table"].packed), np.asarray(want.packed))
 
 
 def test_rules_mixed_precision_skip_and_first_match(rng):
@@ -83,7 +90,7 @@ def test_rules_mixed_precision_skip_and_first_match(rng):
     assert layer["attn"]["q"]["kernel"].k == 5
     up = layer["mlp"]["up"]["kernel"]
     assert up.k == 3 and up.scale_format == "f16"
-    np.testing.assert_array_equal(np.asarray(up.codebook), jk.codebooks.normal_float(3))
+    np.testing.assert_array_equal(np.asarray(up.t.codebook), jk.codebooks.normal_float(3))
     assert _is_qa(layer["mlp"]["up"]["bias"]) and layer["mlp"]["up"]["bias"].k == 2
     assert layer["norm"]["scale"] is params["layers"][0]["norm"]["scale"]  # default rule: rank 1
 
@@ -151,6 +158,94 @@ def test_under_jit_and_roundtrip(rng):
     # quantizing an already quantized tree leaves it alone
     again = jk.quantize_params(q_eager, 2)
     assert again["w"] is q_eager["w"]
+
+
+def test_layout_option(rng):
+    params = {
+        "dense": {"kernel": rng.standard_normal((96, 64)).astype(np.float32)},
+        "conv": {"kernel": rng.standard_normal((3, 32, 64)).astype(np.float32)},  # rank 3: not a Dense kernel
+        "embed": rng.standard_normal((128, 64)).astype(np.float32),
+        "kernel_bias": rng.standard_normal(4096).astype(np.float32),
+    }
+    # auto (default): only the rank-2 leaf whose last key is "kernel" is a matrix
+    q = jk.quantize_params(params, 4, min_size=0)
+    assert _is_qm(q["dense"]["kernel"]) and q["dense"]["kernel"].shape == (96, 64)
+    assert _is_qa(q["conv"]["kernel"]) and _is_qa(q["embed"])
+    assert q["kernel_bias"] is params["kernel_bias"]  # rank 1: not selected
+    # array: the layout of jax-kbit 0.1, bit for bit jk.quantize
+    qa = jk.quantize_params(params, 4, min_size=0, layout="array")
+    assert all(_is_qa(v) for v in (qa["dense"]["kernel"], qa["conv"]["kernel"], qa["embed"]))
+    assert_bitwise_equal(
+        np.asarray(qa["dense"]["kernel"].packed), np.asarray(jk.quantize(params["dense"]["kernel"], 4).packed)
+    )
+    # matrix: every selected leaf, rank >= 2 (a stack of matrices for rank 3)
+    qm = jk.quantize_params(params, 4, min_size=0, layout="matrix")
+    assert all(_is_qm(v) for v in (qm["dense"]["kernel"], qm["conv"]["kernel"], qm["embed"]))
+    assert qm["conv"]["kernel"].shape == (3, 32, 64) and qm["conv"]["kernel"].t.shape == (3, 64, 32)
+    want = jk.quantize_matrix(params["embed"], 4)
+    assert_bitwise_equal(np.asarray(qm["embed"].t.packed), np.asarray(want.t.packed))
+    # rules override the default layout; the first match decides
+    rules = [jk.Rule(r"^dense/", layout="array"), jk.Rule(r"^embed$", k=3, layout="matrix")]
+    qr = jk.quantize_params(params, 4, min_size=0, rules=rules)
+    assert _is_qa(qr["dense"]["kernel"]) and _is_qm(qr["embed"]) and qr["embed"].k == 3
+    assert _is_qa(qr["conv"]["kernel"])  # no rule: auto
+    # a matrix needs rank >= 2
+    with pytest.raises(ValueError, match=r"kernel_bias: layout='matrix' needs a weight of rank >= 2"):
+        jk.quantize_params(params, 4, rules=[jk.Rule("bias", min_rank=1, min_size=0, layout="matrix")])
+    with pytest.raises(ValueError, match="layout must be one of"):
+        jk.quantize_params(params, 4, layout="transposed")
+    with pytest.raises(ValueError, match="layout must be one of"):
+        jk.Rule("x", layout="rows")
+    # already quantized leaves of either kind are returned as they are
+    again = jk.quantize_params(q, 2, min_size=0, layout="matrix")
+    assert again["dense"]["kernel"] is q["dense"]["kernel"] and again["embed"] is q["embed"]
+
+
+def test_matrix_layout_fit_codebook_jit_and_dequantize(rng):
+    x = rng.laplace(size=(160, 96)).astype(np.float32)
+    params = {"layer": {"kernel": x, "bias": np.zeros(96, np.float32)}}
+    q = jk.quantize_params(params, 3, codebook="fit")
+    # the codebook is fitted to the blocks the matrix stores: along `in`, i.e. rows of x.T
+    np.testing.assert_array_equal(np.asarray(q["layer"]["kernel"].t.codebook), jk.fit_codebook(x.T, 3))
+    assert not np.array_equal(jk.fit_codebook(x.T, 3), jk.fit_codebook(x, 3))
+    eager = jk.quantize_params(params, 4)
+    jitted = jax.jit(lambda p: jk.quantize_params(p, 4))(params)
+    assert _is_qm(jitted["layer"]["kernel"])
+    assert_bitwise_equal(
+        np.asarray(jitted["layer"]["kernel"].t.packed), np.asarray(eager["layer"]["kernel"].t.packed)
+    )
+    back = jk.dequantize_params(eager)
+    assert back["layer"]["kernel"].shape == (160, 96) and back["layer"]["bias"] is params["layer"]["bias"]
+    assert_bitwise_equal(
+        np.asarray(back["layer"]["kernel"]), np.asarray(eager["layer"]["kernel"].dequantize())
+    )
+    assert float(np.abs(np.asarray(back["layer"]["kernel"]) - x).max()) < 0.5 * float(np.abs(x).max())
+    # jk.dequantize takes a QuantizedMatrix too (code written for 0.1's QuantizedArray kernels keeps working)
+    got = jk.dequantize(eager["layer"]["kernel"], jnp.bfloat16)
+    assert got.shape == (160, 96) and got.dtype == jnp.bfloat16
+    assert_bitwise_equal(np.asarray(got), np.asarray(eager["layer"]["kernel"].dequantize(jnp.bfloat16)))
+    assert jk.dequantize_params(eager, jnp.bfloat16)["layer"]["kernel"].dtype == jnp.bfloat16
+
+
+def test_compression_report_with_matrices(rng):
+    params = {
+        "a": {"kernel": rng.standard_normal((256, 96)).astype(np.float32)},
+        "table": rng.standard_normal((64, 128)).astype(BF16),
+    }
+    q = jk.quantize_params(params, 4)
+    rep = jk.compression_report(params, q)
+    rows = {r.path: r for r in rep.rows}
+    assert rows["a/kernel"].layout == "matrix" and rows["table"].layout == "array"
+    assert rows["a/kernel"].shape == (256, 96) and rows["a/kernel"].bytes_after == q["a"]["kernel"].nbytes
+    assert 20.5 < rows["a/kernel"].sqnr_db < 23.5  # the same ~21.8 dB at K=4 in either layout
+    text = str(rep)
+    assert text.splitlines()[0].split()[-1] == "layout" and "matrix" in text
+    assert json.loads(json.dumps(rep.to_dict()))["rows"][0]["layout"] == "matrix"
+    # trees without matrices print as before (no layout column)
+    plain = jk.compression_report(params, jk.quantize_params(params, 4, layout="array"))
+    assert "layout" not in str(plain).splitlines()[0]
+    with pytest.raises(ValueError, match="already holds a QuantizedMatrix"):
+        jk.compression_report(q, q)
 
 
 def test_key_path_names():
