@@ -13,9 +13,12 @@ leaves of the ``QuantizedArray`` of ``W^T``. How it runs (docs/MATMUL.md):
 Under ``jit`` over several devices the call is partitioned along the batch dims of ``x`` and the ``out``
 axis of ``W`` (``jax_kbit.sharding``); each device then takes one of the paths above for its shard.
 
-Differentiation: the primitive is linear in ``x``; its transpose (``g @ W^T``, the backward pass for the
-inputs) is computed as ``dequantize`` + ``dot_general``. Tangents of the codebook, the tensor scale and
-float16 / float32 block scales go through ``dequantize``'s JVP rule (module ``autodiff``).
+Differentiation: the primitive is linear in ``x``; its transpose is the second primitive,
+``kbit_matmul_t`` (``g @ W^T``, the backward pass for the inputs, also ``matmul(g, w, transpose=True)``),
+which has its own fused CPU and CUDA kernels under the same row and dtype conditions (dequantize + dot
+otherwise, and when partitioned over several devices); each primitive's transpose is the other. Tangents of
+the codebook, the tensor scale and float16 / float32 block scales go through ``dequantize``'s JVP rule
+(module ``autodiff``).
 """
 
 from __future__ import annotations
