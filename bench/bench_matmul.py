@@ -43,8 +43,8 @@ def _chain(product):
 
     @jax.jit
     def run(x, ws):
-        acc = jnp.zeros(x.shape[:-1] + (ws[0].shape[-1],), jnp.float32)
-        for w in ws:
+        acc = product(x, ws[0]).astype(jnp.float32)
+        for w in ws[1:]:
             acc = acc + product(x, w).astype(jnp.float32)
         return acc
 
