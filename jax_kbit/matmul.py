@@ -47,7 +47,7 @@ FUSED_MAX_ROWS = 32
 """Rows of ``x`` up to which the fused kernels run; above it ``dequantize`` + ``dot_general`` is used."""
 
 CUDA_KERNELS = {"direct": 0, "pipelined": 1}
-cuda_kernel = "pipelined"
+cuda_kernel = "direct"
 """Which CUDA kernel ``x @ W`` lowers to (read when a function is lowered): ``"pipelined"`` streams the
 weights through a shared-memory ring with ``cp.async``; ``"direct"`` loads them straight into registers (the
 first kernel, kept for comparison in the benchmark and tests)."""
