@@ -26,6 +26,7 @@ jax.block_until_ready(jax.vmap(lambda x, c: jk.dequantize(jk.quantize(x, 4, code
 # (M <= 8, 16, 32), a partial tile of output rows, a partial chunk / stage of blocks, a split reduction
 # (in = 4096 forward, out = 4096 transposed) and f16 / f32 scales at odd byte offsets
 mm = importlib.import_module("jax_kbit.matmul")
+mm.cuda_fused_transposed = True  # the fused transposed kernel (off by default) is checked too
 for kernel in sorted(mm.CUDA_KERNELS):
     mm.cuda_kernel = kernel
     for k in (2, 3, 4, 5):

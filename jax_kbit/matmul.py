@@ -52,6 +52,11 @@ cuda_kernel = "direct"
 weights through a shared-memory ring with ``cp.async``; ``"direct"`` loads them straight into registers (the
 first kernel, kept for comparison in the benchmark and tests)."""
 
+cuda_fused_transposed = False
+"""Whether ``g @ W.T`` (``transpose=True``, and the backward pass of ``x @ W``) runs its fused CUDA kernel.
+Off by default: on the H200 dequantize + cuBLAS-backed dot measured faster at every shape benchmarked
+(bench/RESULTS.md). The CPU handler is used either way."""
+
 matmul_p = jex.core.Primitive("kbit_matmul")
 matmul_p.def_impl(partial(dispatch.apply_primitive, matmul_p))
 
@@ -160,6 +165,7 @@ def _lowering(platform: str, transposed: bool = False):
         fused = _rows(x) <= FUSED_MAX_ROWS
         if platform == "cuda":
             fused = fused and np.dtype(x.dtype) in (np.dtype(jnp.float16), np.dtype(jnp.bfloat16))
+            fused = fused and (cuda_fused_transposed or not transposed)
             if fused and not _ffi.cuda_built() and not sharding.lowering_for_export(ctx):
                 raise RuntimeError(
                     "jax_kbit was built without its CUDA handlers (nvcc was not found at install time, or "

@@ -366,12 +366,24 @@ def test_gpu_transforms_and_grad(rng):
         assert rel_err(g, expect) < 3e-2
 
 
+@pytest.fixture(params=[True, False], ids=["fused", "dequantize"])
+def cuda_transposed(request, monkeypatch):
+    """The fused CUDA transposed kernel (off by default: slower than dequantize + dot) and the default path."""
+    monkeypatch.setattr(matmul_module, "cuda_fused_transposed", request.param)
+    return request.param
+
+
+@pytest.fixture
+def fused_transposed(monkeypatch):
+    monkeypatch.setattr(matmul_module, "cuda_fused_transposed", True)
+
+
 @pytest.mark.parametrize("m", (1, 2, 7, 16, 17, 32, 64))
 @pytest.mark.parametrize("dtype", [np.float16, BF16, np.float32], ids=dtype_id)
 @pytest.mark.parametrize("k", KS)
 @pytest.mark.gpu
 @pytest.mark.skipif(GPU is None or not jk.cuda_built(), reason="needs a CUDA GPU and the CUDA build")
-def test_gpu_transposed_matches_reference(rng, k, dtype, m):
+def test_gpu_transposed_matches_reference(rng, k, dtype, m, cuda_transposed):
     # (1000, 300): partial steps of 16 rows; (64, 8192): a split reduction; (100, 33): zero padding past d.
     for din, dout in ((96, 40), (100, 33), (1000, 300), (64, 8192)):
         g, q = make_t(rng, m, din, dout, k, dtype)
@@ -380,7 +392,7 @@ def test_gpu_transposed_matches_reference(rng, k, dtype, m):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(GPU is None or not jk.cuda_built(), reason="needs a CUDA GPU and the CUDA build")
-def test_gpu_transposed_padding_nonfinite_and_deterministic(rng):
+def test_gpu_transposed_padding_nonfinite_and_deterministic(rng, fused_transposed):
     from jax_kbit.matmul import matmul_t_p
 
     w = rng.standard_normal((50, 3000)).astype(np.float32)
@@ -406,11 +418,14 @@ def test_gpu_transposed_padding_nonfinite_and_deterministic(rng):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(GPU is None or not jk.cuda_built(), reason="needs a CUDA GPU and the CUDA build")
-def test_gpu_grad_runs_the_transposed_kernel(rng):
+@pytest.mark.parametrize("fused", [True, False])
+def test_gpu_grad_runs_the_transposed_kernel(rng, monkeypatch, fused):
+    monkeypatch.setattr(matmul_module, "cuda_fused_transposed", fused)
     x, q = make(rng, 4, 512, 384, 3, BF16)
     with jax.default_device(GPU):
         f = jax.jit(jax.grad(lambda x: jnp.sum(jk.matmul(x, q).astype(jnp.float32) ** 2)))
-        assert "kbit_matmul_t" in f.lower(jnp.asarray(x)).compile().as_text()
+        text = f.lower(jnp.asarray(x)).compile().as_text()
+        assert ("kbit_matmul_t" in text) == fused and ("kbit_dequantize" in text) == (not fused)
         gx = f(jnp.asarray(x))
     wref = weight_ref(q)
     y = np.asarray(x, np.float64) @ wref
