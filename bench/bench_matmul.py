@@ -3,8 +3,7 @@
 For each weight shape ``[in, out]`` and row count M: ``x @ W`` with W stored k-bit (``jax_kbit.matmul``), XLA's
 bf16 ``dot``, torch's bf16 ``matmul`` (cuBLAS) when torch sees the GPU, bitsandbytes NF4 ``matmul_4bit``
 (its gemv at M = 1) when importable, and ``dequantize`` + bf16 ``dot`` (what a user writes without the fused
-kernel); for K = 4 also the other CUDA kernel variant (``jax_kbit.matmul.cuda_kernel``), and for M <= 32
-the fused transposed product ``g @ W.T`` (the backward pass for x; off by default, see
+kernel); for M <= 32 also the fused transposed product ``g @ W.T`` (the backward pass for x; off by default, see
 ``jax_kbit.matmul.cuda_fused_transposed``). Every JAX timing runs ``COPIES`` products over distinct weights inside one ``jit`` so that no weight
 stays in the 50 MB L2 and dispatch is amortised; times are per product. Prints a table and writes JSON.
 """
@@ -29,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_gpu import timeit  # noqa: E402
 
 COPIES = 6
-OTHER_KERNEL = {"direct": "pipelined", "pipelined": "direct"}
 SHAPES = [(4096, 4096), (8192, 8192), (8192, 28672), (28672, 8192)]
 
 
@@ -113,7 +111,7 @@ def main() -> None:
     results = []
     header = (
         f"{'shape':>12} {'M':>4} {'K':>2} {'kbit us':>9} {'xla bf16':>9} {'torch bf16':>10} {'bnb nf4':>8} "
-        f"{'deq+dot':>8} {'x best bf16':>11} {'GB/s':>6} {OTHER_KERNEL[_MM.cuda_kernel] + ' us':>12} {'fused g@W.T':>11}"
+        f"{'deq+dot':>8} {'x best bf16':>11} {'GB/s':>6} {'fused g@W.T':>11}"
     )
     print(header)
     for din, dout in SHAPES:
@@ -130,12 +128,6 @@ def main() -> None:
             for m in rows:
                 x = jax.random.normal(jax.random.fold_in(key, 1000 + m), (m, din), jnp.bfloat16)
                 t_k = _chain(lambda x, q: jk.matmul(x, q))(x, qs)
-                t_other = None
-                if k == 4:  # the other CUDA kernel variant, for comparison
-                    default = _MM.cuda_kernel
-                    _MM.cuda_kernel = OTHER_KERNEL[default]
-                    t_other = _chain(lambda x, q: jk.matmul(x, q))(x, qs)
-                    _MM.cuda_kernel = default
                 t_grad = None
                 if m <= 32:  # the fused transposed kernel (off by default) against deq + dot
                     _MM.cuda_fused_transposed = True
@@ -153,8 +145,6 @@ def main() -> None:
                     "m": m,
                     "k": k,
                     "kbit_s": t_k,
-                    "kernel": _MM.cuda_kernel,
-                    f"kbit_{OTHER_KERNEL[_MM.cuda_kernel]}_s": t_other,
                     "kbit_fused_transposed_s": t_grad,
                     "xla_bf16_s": xla[m],
                     "torch_bf16_s": t_torch,
@@ -172,7 +162,7 @@ def main() -> None:
                 print(
                     f"{din:>5}x{dout:<6} {m:>4} {k:>2} {us(t_k):>9} {us(xla[m]):>9} {us(t_torch):>10} "
                     f"{us(t_bnb):>8} {us(t_dd):>8} {best / t_k:>10.2f}x {wbytes / t_k / 1e9:>6.0f} "
-                    f"{us(t_other):>12} {us(t_grad):>11}",
+                    f"{us(t_grad):>11}",
                     flush=True,
                 )
             del qs

@@ -22,26 +22,23 @@ for k in (2, 3, 4, 5):
 xs = jax.device_put(rng.standard_normal((3, 70, 64)).astype(np.float32), gpu)
 cbs = jax.device_put(np.stack([rng.permutation(jk.codebooks.default(4)) for _ in range(3)]), gpu)
 jax.block_until_ready(jax.vmap(lambda x, c: jk.dequantize(jk.quantize(x, 4, codebook=c)))(xs, cbs))
-# fused matmul (both CUDA kernels) and the transposed product: every K and x dtype, each row-tile variant
-# (M <= 8, 16, 32), a partial tile of output rows, a partial chunk / stage of blocks, a split reduction
-# (in = 4096 forward, out = 4096 transposed) and f16 / f32 scales at odd byte offsets
-mm = importlib.import_module("jax_kbit.matmul")
-mm.cuda_fused_transposed = True  # the fused transposed kernel (off by default) is checked too
-for kernel in sorted(mm.CUDA_KERNELS):
-    mm.cuda_kernel = kernel
-    for k in (2, 3, 4, 5):
-        for dtype in (jnp.float16, jnp.bfloat16):
-            for m, din, dout, fmt in (
-                (1, 100, 33, "e4m4"),
-                (16, 4096, 40, "e4m4"),
-                (30, 96, 17, "f16"),
-                (8, 200, 24, "f32"),
-                (3, 1000, 4096, "e4m4"),
-            ):
-                w = jax.device_put(rng.standard_normal((din, dout)).astype(np.float32), gpu)
-                x = jax.device_put(rng.standard_normal((m, din)).astype(np.float32), gpu).astype(dtype)
-                g = jax.device_put(rng.standard_normal((m, dout)).astype(np.float32), gpu).astype(dtype)
-                q = jk.quantize_matrix(w, k, scale_format=fmt)
-                jax.block_until_ready(jax.jit(lambda x, q: jk.matmul(x, q))(x, q))
-                jax.block_until_ready(jax.jit(lambda g, q: jk.matmul(g, q, transpose=True))(g, q))
+# fused matmul and the fused transposed product (on for this run; off by default): every K and x dtype,
+# each row-tile variant (M <= 8, 16, 32), a partial tile of output rows, a partial chunk of blocks, a split
+# reduction (in = 4096 forward, out = 4096 transposed) and f16 / f32 scales
+importlib.import_module("jax_kbit.matmul").cuda_fused_transposed = True
+for k in (2, 3, 4, 5):
+    for dtype in (jnp.float16, jnp.bfloat16):
+        for m, din, dout, fmt in (
+            (1, 100, 33, "e4m4"),
+            (16, 4096, 40, "e4m4"),
+            (30, 96, 17, "f16"),
+            (8, 200, 24, "f32"),
+            (3, 1000, 4096, "e4m4"),
+        ):
+            w = jax.device_put(rng.standard_normal((din, dout)).astype(np.float32), gpu)
+            x = jax.device_put(rng.standard_normal((m, din)).astype(np.float32), gpu).astype(dtype)
+            g = jax.device_put(rng.standard_normal((m, dout)).astype(np.float32), gpu).astype(dtype)
+            q = jk.quantize_matrix(w, k, scale_format=fmt)
+            jax.block_until_ready(jax.jit(lambda x, q: jk.matmul(x, q))(x, q))
+            jax.block_until_ready(jax.jit(lambda g, q: jk.matmul(g, q, transpose=True))(g, q))
 print("sanitize run complete")

@@ -56,7 +56,7 @@ __device__ __forceinline__ uint32_t pair_value(const uint32_t* table, uint32_t p
 }
 
 template <int K>
-__host__ __device__ constexpr int table_bytes() {
+constexpr int table_bytes() {
   return K <= 4 ? (1 << (2 * K)) * 32 * 4 : 0;
 }
 
@@ -238,194 +238,6 @@ __device__ __forceinline__ void matmul_item(ScaleFormat fmt, const uint32_t* __r
   store_tile<kBf16, MT>(acc, r0, r1, c, m_rows, n_out, splits, split, partial, out);
 }
 
-// ---------------------------------------------------------------- pipelined variant
-//
-// The variant above loads each chunk of blocks straight into registers and then waits for it, so a warp has
-// at most one chunk (1 KB) in flight and spends most of its time waiting on DRAM. This one streams: each warp
-// copies its 16 rows x kStage blocks (words and scale bytes) into its own three-stage shared-memory ring with
-// cp.async, two stages ahead of the one it multiplies, so every warp keeps about 4 KB of loads in flight.
-// The copies are coalesced along each row (consecutive lanes, consecutive 4 / 8 / 16-byte units); the ring's
-// row pitch (kStage * K + 4 words) puts the eight rows a warp reads at once in different banks.
-
-constexpr int kStage = 8;   // blocks per stage
-constexpr int kStages = 3;  // ring depth
-
-template <int K>
-__host__ __device__ constexpr int ring_pitch() {
-  return kStage * K + 4;
-}
-constexpr int kScaleWords = kStage + 1;  // one row's scale bytes of a stage, from a 4-byte-aligned start
-
-template <int K>
-__host__ __device__ constexpr int ring_words_per_warp() {
-  return kStages * 16 * (ring_pitch<K>() + kScaleWords);
-}
-
-// cp.async of `bytes` (4, 8 or 16) from global to shared; with src_bytes < bytes the rest is zero-filled (0:
-// nothing is read).
-template <int kBytes>
-__device__ __forceinline__ void copy_async(void* smem, const void* gmem, int src_bytes) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(dst), "l"(gmem), "n"(kBytes),
-               "r"(src_bytes));
-}
-__device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void copy_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-// Issues the copies of stage `st` (blocks [b0, b1)) of rows [row0, row0 + 16) into ring slot `slot`.
-template <int K>
-__device__ __forceinline__ void issue_stage(const uint32_t* __restrict__ packed,
-                                            const void* __restrict__ scales, int scale_bytes, int64_t n_out,
-                                            int64_t nb, int64_t row0, int64_t b0, int64_t b1, uint32_t* words,
-                                            uint32_t* sw, int lane) {
-  constexpr int kUnit = K == 4 ? 4 : K == 2 ? 2 : 1;  // words per copy: rows start 16 / 8 / 4-byte aligned
-  constexpr int kUnitsPerRow = kStage * K / kUnit;
-  const int units = static_cast<int>(b1 - b0) * K / kUnit;
-  for (int idx = lane; idx < 16 * kUnitsPerRow; idx += 32) {
-    const int r = idx / kUnitsPerRow;
-    const int u = idx - r * kUnitsPerRow;
-    const int64_t row = row0 + r;
-    if (row < n_out && u < units) {
-      copy_async<4 * kUnit>(words + r * ring_pitch<K>() + u * kUnit, packed + (row * nb + b0) * K + u * kUnit,
-                            4 * kUnit);
-    }
-  }
-  // Scale bytes [(row * nb + b0) * sb, (row * nb + b1) * sb) as whole 4-byte words; bytes past the array are
-  // zero-filled instead of read.
-  const int64_t total = n_out * nb * scale_bytes;
-  const auto* sbase = static_cast<const uint8_t*>(scales);
-  for (int idx = lane; idx < 16 * kScaleWords; idx += 32) {
-    const int r = idx / kScaleWords;
-    const int q = idx - r * kScaleWords;
-    const int64_t row = row0 + r;
-    if (row >= n_out) continue;
-    const int64_t first = (row * nb + b0) * scale_bytes;
-    const int64_t word = first / 4 + q;
-    if (word * 4 >= (row * nb + b1) * scale_bytes) continue;
-    const int64_t left = total - word * 4;
-    copy_async<4>(sw + r * kScaleWords + q, sbase + word * 4, left < 4 ? static_cast<int>(left) : 4);
-  }
-}
-
-template <int K>
-__device__ __forceinline__ void ring_words(const uint32_t* p, uint32_t (&w)[K]) {
-  if constexpr (K == 4) {
-    const uint4 v = *reinterpret_cast<const uint4*>(p);
-    w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
-  } else if constexpr (K == 2) {
-    const uint2 v = *reinterpret_cast<const uint2*>(p);
-    w[0] = v.x, w[1] = v.y;
-  } else {
-#pragma unroll
-    for (int j = 0; j < K; ++j) w[j] = p[j];
-  }
-}
-
-__device__ __forceinline__ uint32_t ring_scale(ScaleFormat fmt, const uint32_t* sw, int offset) {
-  const auto* bytes = reinterpret_cast<const uint8_t*>(sw);
-  if (fmt == ScaleFormat::kE4M4) return bytes[offset];
-  if (fmt == ScaleFormat::kF16) return *reinterpret_cast<const uint16_t*>(bytes + offset);
-  return *reinterpret_cast<const uint32_t*>(bytes + offset);
-}
-
-template <bool kBf16, int K, int MT>
-__device__ __forceinline__ void matmul_item_pipelined(
-    ScaleFormat fmt, int scale_bytes, const uint32_t* __restrict__ packed, const void* __restrict__ scales,
-    const float* __restrict__ codebook, const float* __restrict__ tensor_scale,
-    const uint16_t* __restrict__ x, int64_t m_rows, int64_t n_out, int64_t nb, int64_t tiles,
-    int64_t per_split, int64_t splits, float* __restrict__ partial, uint16_t* __restrict__ out,
-    const uint32_t* table, uint32_t* ring, int lane, int64_t item) {
-  constexpr bool kTable = K <= 4;
-  constexpr int kPitch = ring_pitch<K>();
-  uint32_t* words = ring;                       // [kStages][16][kPitch]
-  uint32_t* sw = ring + kStages * 16 * kPitch;  // [kStages][16][kScaleWords]
-  const int64_t tile = item % tiles;
-  const int64_t split = item / tiles;
-  const int g = lane >> 2;
-  const int c = lane & 3;
-  const int64_t row0 = tile * 16;
-  const int64_t r0 = row0 + g;
-  const int64_t r1 = r0 + 8;
-  const bool v0 = r0 < n_out;
-  const bool v1 = r1 < n_out;
-  const uint32_t entry = !kTable && lane < (1 << K) ? to_16<kBf16>(codebook[lane]) : 0u;
-  const float t = tensor_scale[0];
-  const int64_t begin = split * per_split;
-  const int64_t end = begin + per_split < nb ? begin + per_split : nb;
-  const int64_t ldx = nb * kBlock;
-  const uint32_t* x32 = reinterpret_cast<const uint32_t*>(x);
-  const int stages = static_cast<int>((end - begin + kStage - 1) / kStage);
-
-  float acc[MT][4];
-#pragma unroll
-  for (int i = 0; i < MT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
-
-  auto issue = [&](int st) {
-    if (st < stages) {
-      const int64_t b0 = begin + static_cast<int64_t>(st) * kStage;
-      const int64_t b1 = b0 + kStage < end ? b0 + kStage : end;
-      const int slot = st % kStages;
-      issue_stage<K>(packed, scales, scale_bytes, n_out, nb, row0, b0, b1, words + slot * 16 * kPitch,
-                     sw + slot * 16 * kScaleWords, lane);
-    }
-    copy_commit();  // an empty group past the end keeps the wait count uniform
-  };
-  issue(0);
-  issue(1);
-  for (int st = 0; st < stages; ++st) {
-    issue(st + 2);
-    copy_wait<2>();  // all but the two newest groups: stage st has landed
-    __syncwarp();
-    const int slot = st % kStages;
-    const uint32_t* wr0 = words + (slot * 16 + g) * kPitch;
-    const uint32_t* wr1 = wr0 + 8 * kPitch;
-    const uint32_t* sr0 = sw + (slot * 16 + g) * kScaleWords;
-    const uint32_t* sr1 = sr0 + 8 * kScaleWords;
-    const int64_t b0 = begin + static_cast<int64_t>(st) * kStage;
-    // Scale offsets relative to this stage's aligned start: (first byte of the stage) mod 4.
-    const int o0 = v0 ? static_cast<int>(((r0 * nb + b0) * scale_bytes) & 3) : 0;
-    const int o1 = v1 ? static_cast<int>(((r1 * nb + b0) * scale_bytes) & 3) : 0;
-#pragma unroll
-    for (int u = 0; u < kStage; ++u) {
-      const int64_t b = b0 + u;
-      if (b >= end) break;  // uniform across the warp
-      uint32_t w0[K], w1[K];
-      ring_words<K>(wr0 + u * K, w0);
-      ring_words<K>(wr1 + u * K, w1);
-      const uint32_t st0 = v0 ? ring_scale(fmt, sr0, o0 + u * scale_bytes) : 0u;
-      const uint32_t st1 = v1 ? ring_scale(fmt, sr1, o1 + u * scale_bytes) : 0u;
-      block_step<kBf16, K, MT>(fmt, w0, w1, st0, st1, v0, v1, t, entry, table, x32, ldx, m_rows, b, lane,
-                               acc);
-    }
-    __syncwarp();  // every lane is done with this slot before a later issue() refills it
-  }
-  store_tile<kBf16, MT>(acc, r0, r1, c, m_rows, n_out, splits, split, partial, out);
-}
-
-template <bool kBf16, int K, int MT>
-__global__ void __launch_bounds__(kMmThreads)
-    matmul_pipelined_kernel(ScaleFormat fmt, int scale_bytes, const uint32_t* __restrict__ packed,
-                            const void* __restrict__ scales, const float* __restrict__ codebook,
-                            const float* __restrict__ tensor_scale, const uint16_t* __restrict__ x,
-                            int64_t m_rows, int64_t n_out, int64_t nb, int64_t tiles, int64_t splits,
-                            int64_t per_split, float* __restrict__ partial, uint16_t* __restrict__ out) {
-  extern __shared__ uint4 smem[];
-  build_pair_table<kBf16, K>(codebook, smem);
-  const uint32_t* table = reinterpret_cast<const uint32_t*>(smem);
-  uint32_t* ring = reinterpret_cast<uint32_t*>(smem) + table_bytes<K>() / 4 +
-                   (threadIdx.x >> 5) * ring_words_per_warp<K>();
-  const int lane = threadIdx.x & 31;
-  for (int64_t item = static_cast<int64_t>(blockIdx.x) * kMmWarps + (threadIdx.x >> 5); item < tiles * splits;
-       item += static_cast<int64_t>(gridDim.x) * kMmWarps) {
-    matmul_item_pipelined<kBf16, K, MT>(fmt, scale_bytes, packed, scales, codebook, tensor_scale, x, m_rows,
-                                        n_out, nb, tiles, per_split, splits, partial, out, table, ring, lane,
-                                        item);
-  }
-}
-
 // Persistent CTAs: each builds the pair table (K <= 4) once, then its warps take (tile, split) items in turn.
 template <bool kBf16, int K, int MT>
 __global__ void __launch_bounds__(kMmThreads)
@@ -456,32 +268,22 @@ struct Args {
   uint16_t* out;
 };
 
-// Splits the reduction so that the resident warps have about one item each, with at least two chunks
-// (pipelined: stages) of blocks per item; persistent CTAs, as many as fit on the GPU at once.
+// Splits the reduction so that the resident warps have about one item each, with at least two chunks of
+// blocks per item; persistent CTAs, as many as fit on the GPU at once.
 template <bool kBf16, int K, int MT>
-ffi::Error run_matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, const Args& a, bool pipelined) {
-  const int smem = table_bytes<K>() + (pipelined ? kMmWarps * ring_words_per_warp<K>() * 4 : 0);
+ffi::Error run_matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, const Args& a) {
+  auto* kernel = matmul_kernel<kBf16, K, MT>;
+  constexpr int smem = table_bytes<K>();
   int per_sm = 0;
-  auto occupancy = [&](auto* kernel) {
-    if (smem > 48 * 1024 &&
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) {
-      return false;
-    }
-    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kMmThreads, smem) == cudaSuccess &&
-           per_sm >= 1;
-  };
-  if (!(pipelined ? occupancy(matmul_pipelined_kernel<kBf16, K, MT>)
-                  : occupancy(matmul_kernel<kBf16, K, MT>))) {
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kMmThreads, smem) != cudaSuccess ||
+      per_sm < 1) {
     return launch_error("matmul occupancy query");
   }
   const int64_t sms = sm_count() > 0 ? sm_count() : 132;
   const int64_t resident_warps = sms * per_sm * kMmWarps;
   const int64_t tiles = (a.n + 15) / 16;
-  const int64_t min_blocks = 2 * (pipelined ? kStage : kChunk);
-  const int64_t max_splits = std::max<int64_t>(1, a.nb / min_blocks);
-  // Pipelined: one wave (no warp takes a second item while others idle); otherwise round up as before.
-  const int64_t want = pipelined ? resident_warps / tiles : (resident_warps + tiles - 1) / tiles;
-  int64_t splits = std::min<int64_t>(max_splits, std::max<int64_t>(1, want));
+  const int64_t max_splits = std::max<int64_t>(1, a.nb / (2 * kChunk));
+  int64_t splits = std::min<int64_t>(max_splits, std::max<int64_t>(1, (resident_warps + tiles - 1) / tiles));
   const int64_t per_split = (a.nb + splits - 1) / splits;
   splits = (a.nb + per_split - 1) / per_split;  // no empty splits
   float* partial = nullptr;
@@ -495,16 +297,8 @@ ffi::Error run_matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, const
   const int64_t items = tiles * splits;
   const unsigned ctas =
       static_cast<unsigned>(std::min<int64_t>((items + kMmWarps - 1) / kMmWarps, sms * per_sm));
-  if (pipelined) {
-    const int scale_bytes = a.fmt == ScaleFormat::kE4M4 ? 1 : a.fmt == ScaleFormat::kF16 ? 2 : 4;
-    matmul_pipelined_kernel<kBf16, K, MT><<<ctas, kMmThreads, smem, stream>>>(
-        a.fmt, scale_bytes, a.packed, a.scales, a.codebook, a.tensor_scale, a.x, a.m, a.n, a.nb, tiles,
-        splits, per_split, partial, a.out);
-  } else {
-    matmul_kernel<kBf16, K, MT><<<ctas, kMmThreads, smem, stream>>>(a.fmt, a.packed, a.scales, a.codebook,
-                                                                    a.tensor_scale, a.x, a.m, a.n, a.nb,
-                                                                    tiles, splits, per_split, partial, a.out);
-  }
+  kernel<<<ctas, kMmThreads, smem, stream>>>(a.fmt, a.packed, a.scales, a.codebook, a.tensor_scale, a.x, a.m,
+                                             a.n, a.nb, tiles, splits, per_split, partial, a.out);
   if (splits > 1) {
     const int64_t count = a.m * a.n;
     const unsigned grid = static_cast<unsigned>(std::min<int64_t>((count + kThreads - 1) / kThreads, 65535));
@@ -516,7 +310,7 @@ ffi::Error run_matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, const
 ffi::Error MatmulImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer x,
                       ffi::Buffer<ffi::U32> packed, ffi::AnyBuffer scales, ffi::Buffer<ffi::F32> codebook,
                       ffi::Buffer<ffi::F32> tensor_scale, ffi::Result<ffi::AnyBuffer> out, int32_t k,
-                      int32_t scale_format, int32_t variant) {
+                      int32_t scale_format) {
   MatmulLayout L;
   if (ffi::Error e = matmul_layout_of(x, packed, scales, codebook, tensor_scale, *out, k, scale_format, &L);
       e.failure()) {
@@ -552,7 +346,7 @@ ffi::Error MatmulImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::A
   with_k(L.k, [&](auto kc) {
     constexpr int K = decltype(kc)::value;
     auto go = [&](auto bf, auto mt) {
-      result = run_matmul<decltype(bf)::value, K, decltype(mt)::value>(stream, scratch, a, variant != 0);
+      result = run_matmul<decltype(bf)::value, K, decltype(mt)::value>(stream, scratch, a);
     };
     auto by_rows = [&](auto bf) {
       if (L.m <= 8) {
@@ -587,5 +381,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulCuda, kbit::cuda::MatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int32_t>("k")
-                                  .Attr<int32_t>("scale_format")
-                                  .Attr<int32_t>("variant"));
+                                  .Attr<int32_t>("scale_format"));

@@ -46,12 +46,6 @@ __all__ = ["FUSED_MAX_ROWS", "matmul", "matmul_p", "matmul_t_p", "quantize_matri
 FUSED_MAX_ROWS = 32
 """Rows of ``x`` up to which the fused kernels run; above it ``dequantize`` + ``dot_general`` is used."""
 
-CUDA_KERNELS = {"direct": 0, "pipelined": 1}
-cuda_kernel = "direct"
-"""Which CUDA kernel ``x @ W`` lowers to (read when a function is lowered): ``"pipelined"`` streams the
-weights through a shared-memory ring with ``cp.async``; ``"direct"`` loads them straight into registers (the
-first kernel, kept for comparison in the benchmark and tests)."""
-
 cuda_fused_transposed = False
 """Whether ``g @ W.T`` (``transpose=True``, and the backward pass of ``x @ W``) runs its fused CUDA kernel.
 Off by default: on the H200 dequantize + cuBLAS-backed dot measured faster at every shape benchmarked
@@ -176,12 +170,6 @@ def _lowering(platform: str, transposed: bool = False):
         attrs = dict(k=np.int32(k), scale_format=np.int32(SCALE_FORMAT_IDS[scale_format]))
         if transposed:
             attrs["d"] = np.int64(d)  # the kernel writes zeros past d (padded codes may decode to non-zeros)
-        elif platform == "cuda":
-            if cuda_kernel not in CUDA_KERNELS:
-                raise ValueError(
-                    f"jax_kbit.matmul.cuda_kernel must be one of {sorted(CUDA_KERNELS)}, got {cuda_kernel!r}"
-                )
-            attrs["variant"] = np.int32(CUDA_KERNELS[cuda_kernel])
         return kernel(ctx, *args, **attrs)
 
     return lower

@@ -74,7 +74,7 @@ def make(rng, m, din, dout, k, dtype, scale_format="e4m4", lead=()):
 
 
 def check(x, q, device, msg=""):
-    # A fresh function each time: the lowering (and so matmul_module.cuda_kernel) is read per trace.
+    # A fresh function each time: the lowering (and so matmul_module.cuda_fused_transposed) is read per trace.
     y = jax.jit(lambda x, q: jk.matmul(x, q))(jax.device_put(x, device), jax.device_put(q, device))
     assert y.dtype == x.dtype and y.shape == x.shape[:-1] + (q.shape[1],), (y.dtype, y.shape)
     ref = np.asarray(x, np.float64) @ weight_ref(q)
@@ -317,33 +317,26 @@ def test_transposed_bad_input(rng):
 # ---------------------------------------------------------------- GPU: the fused kernel
 
 
-@pytest.fixture(params=sorted(matmul_module.CUDA_KERNELS))
-def cuda_kernel(request, monkeypatch):
-    """Each CUDA kernel variant of x @ W in turn (the functions under test are traced afresh)."""
-    monkeypatch.setattr(matmul_module, "cuda_kernel", request.param)
-    return request.param
-
-
 @pytest.mark.parametrize("m", ROWS)
 @pytest.mark.parametrize("dtype", [np.float16, BF16, np.float32], ids=dtype_id)
 @pytest.mark.parametrize("k", KS)
 @pytest.mark.gpu
 @pytest.mark.skipif(GPU is None or not jk.cuda_built(), reason="needs a CUDA GPU and the CUDA build")
-def test_gpu_matches_reference(rng, k, dtype, m, cuda_kernel):
+def test_gpu_matches_reference(rng, k, dtype, m):
     # (1000, 300): a partial chunk / stage of blocks and a partial tile of 16 rows; (8192, 64): split
     # reduction; (4000, 50): blocks not a multiple of the stage, odd scale offsets.
     for din, dout in ((96, 40), (100, 33), (1000, 300), (8192, 64), (4000, 50)):
         x, q = make(rng, m, din, dout, k, dtype)
-        check(x, q, GPU, f"k={k} m={m} in={din} out={dout} {cuda_kernel} {rng}")
+        check(x, q, GPU, f"k={k} m={m} in={din} out={dout} {rng}")
 
 
 @pytest.mark.parametrize("scale_format", SCALE_FORMATS)
 @pytest.mark.gpu
 @pytest.mark.skipif(GPU is None or not jk.cuda_built(), reason="needs a CUDA GPU and the CUDA build")
-def test_gpu_scale_formats_large_and_deterministic(rng, scale_format, cuda_kernel):
+def test_gpu_scale_formats_large_and_deterministic(rng, scale_format):
     for k, din, dout in ((4, 4096, 3000), (3, 1000, 77), (2, 1000, 77), (5, 1000, 77)):
         x, q = make(rng, 5, din, dout, k, BF16, scale_format)
-        y = check(x, q, GPU, f"{scale_format} k={k} {cuda_kernel} {rng}")
+        y = check(x, q, GPU, f"{scale_format} k={k} {rng}")
         again = np.asarray(
             jax.jit(lambda x, q: jk.matmul(x, q))(jax.device_put(x, GPU), jax.device_put(q, GPU))
         )
