@@ -91,6 +91,28 @@ void matmul_t_blocks(const MatmulLayout& L, int64_t d, const float* gf, const ui
 
 constexpr int64_t kRowGrain = 16;
 
+// Calls fn(X{}, operand as float32, out storage) for the dtype of the small operand (x or g) and the output:
+// the operand is converted once, since it is small next to the weight.
+template <typename Fn>
+void with_float_operand(const ffi::AnyBuffer& a, int64_t count, ffi::Result<ffi::AnyBuffer>& out,
+                        const Fn& fn) {
+  auto run = [&](auto tag) {
+    using X = decltype(tag);
+    std::vector<float> af(static_cast<size_t>(count));
+    const auto* as = static_cast<const typename X::Storage*>(a.untyped_data());
+    {
+      IeeeSubnormals ieee;
+      for (int64_t i = 0; i < count; ++i) af[i] = X::load(as[i]);
+    }
+    fn(tag, af.data(), static_cast<typename X::Storage*>(out->untyped_data()));
+  };
+  switch (a.element_type()) {
+    case ffi::DataType::F32: run(F32{}); break;
+    case ffi::DataType::F16: run(F16{}); break;
+    default: run(BF16{}); break;
+  }
+}
+
 ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::U32> packed,
                       ffi::AnyBuffer scales, ffi::Buffer<ffi::F32> codebook,
                       ffi::Buffer<ffi::F32> tensor_scale, ffi::Result<ffi::AnyBuffer> out, int32_t k,
@@ -105,28 +127,14 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::U
   const void* sc = scales.untyped_data();
   const float* cb = codebook.typed_data();
   const float t = tensor_scale.typed_data()[0];
-  auto run = [&](auto tag) {
+  with_float_operand(x, L.m * L.nb * kBlock, out, [&](auto tag, const float* xf, auto* o) {
     using X = decltype(tag);
-    // x converted to float32 once; it is small next to the weight (rows of x times in).
-    const int64_t count = L.m * L.nb * kBlock;
-    std::vector<float> xf(static_cast<size_t>(count));
-    const auto* xs = static_cast<const typename X::Storage*>(x.untyped_data());
-    {
-      IeeeSubnormals ieee;
-      for (int64_t i = 0; i < count; ++i) xf[i] = X::load(xs[i]);
-    }
-    auto* o = static_cast<typename X::Storage*>(out->untyped_data());
     with_k(L.k, [&](auto kc) {
       constexpr int K = decltype(kc)::value;
       parallel_for(pool, L.n, kRowGrain,
-                   [&](int64_t b, int64_t e) { matmul_rows<X, K>(L, xf.data(), p, sc, cb, t, o, b, e); });
+                   [&](int64_t b, int64_t e) { matmul_rows<X, K>(L, xf, p, sc, cb, t, o, b, e); });
     });
-  };
-  switch (x.element_type()) {
-    case ffi::DataType::F32: run(F32{}); break;
-    case ffi::DataType::F16: run(F16{}); break;
-    default: run(BF16{}); break;
-  }
+  });
   return ffi::Error::Success();
 }
 
@@ -145,28 +153,14 @@ ffi::Error MatmulTImpl(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::Buffer<ffi::
   const void* sc = scales.untyped_data();
   const float* cb = codebook.typed_data();
   const float t = tensor_scale.typed_data()[0];
-  auto run = [&](auto tag) {
+  with_float_operand(g, L.m * L.n, out, [&](auto tag, const float* gf, auto* o) {
     using X = decltype(tag);
-    const int64_t count = L.m * L.n;
-    std::vector<float> gf(static_cast<size_t>(count));
-    const auto* gs = static_cast<const typename X::Storage*>(g.untyped_data());
-    {
-      IeeeSubnormals ieee;
-      for (int64_t i = 0; i < count; ++i) gf[i] = X::load(gs[i]);
-    }
-    auto* o = static_cast<typename X::Storage*>(out->untyped_data());
     with_k(L.k, [&](auto kc) {
       constexpr int K = decltype(kc)::value;
-      parallel_for(pool, L.nb, 1, [&](int64_t b, int64_t e) {
-        matmul_t_blocks<X, K>(L, d, gf.data(), p, sc, cb, t, o, b, e);
-      });
+      parallel_for(pool, L.nb, 1,
+                   [&](int64_t b, int64_t e) { matmul_t_blocks<X, K>(L, d, gf, p, sc, cb, t, o, b, e); });
     });
-  };
-  switch (g.element_type()) {
-    case ffi::DataType::F32: run(F32{}); break;
-    case ffi::DataType::F16: run(F16{}); break;
-    default: run(BF16{}); break;
-  }
+  });
   return ffi::Error::Success();
 }
 

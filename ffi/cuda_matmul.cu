@@ -345,23 +345,9 @@ ffi::Error MatmulImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::A
   ffi::Error result = ffi::Error::Success();
   with_k(L.k, [&](auto kc) {
     constexpr int K = decltype(kc)::value;
-    auto go = [&](auto bf, auto mt) {
+    with_dtype_and_row_tiles(bf16, L.m, [&](auto bf, auto mt) {
       result = run_matmul<decltype(bf)::value, K, decltype(mt)::value>(stream, scratch, a);
-    };
-    auto by_rows = [&](auto bf) {
-      if (L.m <= 8) {
-        go(bf, std::integral_constant<int, 1>{});
-      } else if (L.m <= 16) {
-        go(bf, std::integral_constant<int, 2>{});
-      } else {
-        go(bf, std::integral_constant<int, 4>{});
-      }
-    };
-    if (bf16) {
-      by_rows(std::true_type{});
-    } else {
-      by_rows(std::false_type{});
-    }
+    });
   });
   return result;
 }

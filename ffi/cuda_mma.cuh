@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda_common.cuh"
 
@@ -50,6 +51,26 @@ __device__ __forceinline__ void load_words(const uint32_t* __restrict__ p, uint3
   } else {
 #pragma unroll
     for (int j = 0; j < K; ++j) w[j] = p[j];
+  }
+}
+
+// Calls fn(std::bool_constant<bf16>, std::integral_constant<int, MT>) with MT the number of 8-row tiles of x
+// the matmul kernels are instantiated for (M <= 8, 16, 32).
+template <typename Fn>
+void with_dtype_and_row_tiles(bool bf16, int64_t m, const Fn& fn) {
+  auto by_rows = [&](auto bf) {
+    if (m <= 8) {
+      fn(bf, std::integral_constant<int, 1>{});
+    } else if (m <= 16) {
+      fn(bf, std::integral_constant<int, 2>{});
+    } else {
+      fn(bf, std::integral_constant<int, 4>{});
+    }
+  };
+  if (bf16) {
+    by_rows(std::true_type{});
+  } else {
+    by_rows(std::false_type{});
   }
 }
 
