@@ -7,7 +7,8 @@
 # test), matmul (fused matmul
 # benchmark), decode (Llama-shaped decode tokens/s), sharded (sharded benchmark over all GPUs), bench
 # (quantize/dequantize benchmark), sanitize (compute-sanitizer memcheck + racecheck), selfcheck, cpu (the CPU
-# suite on this machine's jax), ncu (profile of the quantize/dequantize kernels).
+# suite on this machine's jax), ncu (profile of the quantize/dequantize kernels), ncu_matmul (full profile of
+# the M = 1 fused matmul kernel), sass (disassembly of the CUDA module).
 # PYTEST_ARGS: extra arguments for the tests step (e.g. --ignore a file already run on the same kernels).
 # Logs and results go to $OUT/logs (default bench/out/logs), packed into $OUT/logs.tgz at exit (the device tool
 # brings back only a few files). DEADLINE=seconds skips the steps that would start after it.
@@ -75,6 +76,14 @@ for s in $steps; do
         --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
         python3 "$repo/bench/profile_quantize.py" >"$OUT/ncu.txt" 2>&1
       echo "ncu: rc=$? ($(grep -c 'Duration' "$OUT/ncu.txt") kernels profiled)" ;;
+    ncu_matmul)  # every section, with source-level stall counters, of the M = 1 fused matmul kernel
+      ncu --clock-control none --kernel-name regex:'matmul_kernel' --launch-skip 1 --launch-count 1 --set full \
+        --import-source no python3 "$repo/bench/profile_matmul.py" >"$OUT/ncu_matmul.txt" 2>&1
+      echo "ncu_matmul: rc=$? ($(grep -c 'Duration' "$OUT/ncu_matmul.txt") kernels profiled)" ;;
+    sass)  # instruction mix of the kernels as built (cuobjdump is on the GPU machine, not here)
+      so=$(python3 -c "import jax_kbit._kbit_cuda as m; print(m.__file__)" 2>/dev/null)
+      cuobjdump -sass "$so" >"$OUT/sass.txt" 2>&1
+      echo "sass: rc=$? ($(wc -l <"$OUT/sass.txt") lines)" ;;
     *) echo "unknown step $s"; status=1 ;;
   esac
 done

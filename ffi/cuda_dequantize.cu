@@ -7,6 +7,7 @@
 
 #include "cuda_common.cuh"
 #include "cuda_handlers.h"
+#include "cuda_mma.cuh"
 
 namespace ffi = xla::ffi;
 
@@ -16,6 +17,9 @@ namespace {
 
 // XLA hands out buffers at least this aligned; the vector kernel checks it anyway.
 constexpr uintptr_t kVectorAlign = 16;
+// Resident CTAs per SM asked of the register allocator for the vector kernel: 48 of 64 warp slots (40
+// registers a thread; K = 5 asks one CTA fewer, or it spills), for enough loads in flight.
+constexpr int kVecMinBlocks = 6;
 
 // Any row length: one element per lane.
 template <typename Out, int K>
@@ -45,69 +49,123 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Hardware round-to-nearest-even conversions: the same bits as Out::store for every non-NaN value, fewer
-// instructions; NaN (a whole block, known from its scale) gets the format's canonical NaN explicitly.
+// The canonical NaN of an output format, twice, as one word of two 16-bit elements.
 template <typename Out>
-__device__ __forceinline__ typename Out::Storage store_fast(float v, bool nan_block) {
+__device__ __forceinline__ uint32_t nan_pair() {
   if constexpr (std::is_same_v<Out, kbit::F16>) {
-    return nan_block ? kF16NaN : __half_as_ushort(__float2half_rn(v));
-  } else if constexpr (std::is_same_v<Out, kbit::BF16>) {
-    return nan_block ? kBF16NaN : __bfloat16_as_ushort(__float2bfloat16_rn(v));
+    return kF16NaN * 0x00010001u;
   } else {
-    return Out::store(v);
+    return kBF16NaN * 0x00010001u;
   }
 }
 
-// Rows that are whole blocks (d % 32 == 0): blocks are contiguous in memory.
+// Two values as one word of 16-bit elements (lo first in memory), with one hardware round-to-nearest-even
+// conversion: the same bits as Out::store for every non-NaN value.
+template <typename Out>
+__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
+  if constexpr (std::is_same_v<Out, kbit::F16>) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  } else {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&h);
+  }
+}
+
+// Codes of 4 consecutive elements, one per byte, from the 4-bit nibble of each plane that holds them:
+// multiplying a nibble by 0x00204081 puts copies of it 7 bits apart, so bit e of copy e lands on bit 8e (the
+// copies do not overlap, hence no carries); the plane's shift j is folded into the multiplier and the mask.
+template <int K>
+__device__ __forceinline__ uint32_t nibble_codes(const uint32_t (&w)[K], int pos) {
+  uint32_t acc = 0;
+#pragma unroll
+  for (int j = 0; j < K; ++j) {
+    const uint32_t nibble = (w[j] >> pos) & 0xfu;
+    acc |= (nibble * (0x00204081u << j)) & (0x01010101u << j);
+  }
+  return acc;
+}
+
+// Rows that are whole blocks (d % 32 == 0): blocks are contiguous in memory. A warp takes 32 consecutive
+// blocks at a time ("a tile"): lane l loads block l's K plane words and scale with one coalesced load each
+// and decodes that scale; then, for each 16-byte slice of the tile's output, the lanes writing it fetch
+// their block's words and scale with __shfl_sync, rebuild E codes, look the values up from the codebook
+// held one entry per lane, and write 16 contiguous bytes, so every store instruction of the warp covers 512
+// contiguous bytes. The next tile's loads are issued before the current tile is decoded: the kernel is
+// bound by memory, and this doubles the bytes each warp keeps in flight.
 template <typename Out, int K>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, K == 5 ? kVecMinBlocks - 1 : kVecMinBlocks)
     dequantize_vec_kernel(ScaleFormat fmt, const uint32_t* __restrict__ packed,
                           const void* __restrict__ scales, const float* __restrict__ codebooks,
                           const float* __restrict__ tensor_scales, typename Out::Storage* __restrict__ out,
                           int64_t blocks_per_group, int64_t groups) {
   using Storage = typename Out::Storage;
-  constexpr int E = 16 / sizeof(Storage);  // elements per lane and blocks per warp step
+  constexpr int E = 16 / sizeof(Storage);  // elements per lane per store
   constexpr int kLanesPerBlock = kBlock / E;
+  constexpr int kSlices = kLanesPerBlock;  // 16-byte stores per lane per tile
+  constexpr bool k16 = sizeof(Storage) == 2;
   static_assert(E == 4 || E == 8, "16-byte vectors of 4- or 2-byte elements");
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
-  const int shift = (lane % kLanesPerBlock) * E;
+  const int pos = (lane % kLanesPerBlock) * E;  // first element of the block this lane writes
+  const int64_t tiles = (blocks_per_group + kBlock - 1) / kBlock;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
   for (int64_t g = blockIdx.y; g < groups; g += gridDim.y) {
     const float entry = lane < (1 << K) ? codebooks[g * (1 << K) + lane] : 0.0f;
     const float t = tensor_scales[g];
     const int64_t first = g * blocks_per_group;
-    const int64_t steps = (blocks_per_group + E - 1) / E;
-    for (int64_t step = static_cast<int64_t>(blockIdx.x) * kWarps + warp; step < steps;
-         step += static_cast<int64_t>(gridDim.x) * kWarps) {
-      const int64_t in_group = step * E + lane / kLanesPerBlock;
-      const bool active = in_group < blocks_per_group;  // uniform for all lanes of a block
-      const int64_t blk = first + (active ? in_group : 0);
-      const float s = decode_scale(fmt, read_scale(fmt, scales, blk), t);
-      // Spread each 4-bit nibble of a plane into the low bits of four bytes (bit e -> bit 8e), so the codes
-      // of four elements build up side by side, one byte each.
-      uint32_t acc[E / 4];
+    // Block `tile * 32 + lane` of the group, or zeros past its end.
+    auto load = [&](int64_t tile, uint32_t (&w)[K], uint32_t& st) {
+      const int64_t b = tile * kBlock + lane;
+      if (tile < tiles && b < blocks_per_group) {
+        load_words<K>(packed + (first + b) * K, w);
+        st = read_scale(fmt, scales, first + b);
+      } else {
 #pragma unroll
-      for (int h = 0; h < E / 4; ++h) acc[h] = 0;
+        for (int j = 0; j < K; ++j) w[j] = 0;
+        st = 0;
+      }
+    };
+    int64_t tile = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+    uint32_t w[K], st;
+    load(tile, w, st);
+    for (; tile < tiles; tile += stride) {
+      uint32_t next_w[K], next_st;
+      load(tile + stride, next_w, next_st);
+      const float s_own = decode_scale(fmt, st, t);
 #pragma unroll
-      for (int j = 0; j < K; ++j) {
-        const uint32_t bits = packed[blk * K + j] >> shift;
+      for (int slice = 0; slice < kSlices; ++slice) {
+        const int src = slice * E + lane / kLanesPerBlock;  // the tile's block this lane writes now
+        uint32_t v[K];
 #pragma unroll
-        for (int h = 0; h < E / 4; ++h) {
-          const uint32_t nibble = (bits >> (4 * h)) & 0xfu;
-          acc[h] |= ((nibble * 0x00204081u) & 0x01010101u) << j;
+        for (int j = 0; j < K; ++j) v[j] = __shfl_sync(kFull, w[j], src);
+        const float s = __shfl_sync(kFull, s_own, src);
+        uint32_t codes[E / 4];
+#pragma unroll
+        for (int h = 0; h < E / 4; ++h) codes[h] = nibble_codes<K>(v, pos + 4 * h);
+        // shfl reads only the low 5 bits of the lane index, and a code byte's bits 5..7 are 0.
+        auto value = [&](int i) {
+          return __shfl_sync(kFull, entry, static_cast<int>(codes[i / 4] >> (8 * (i % 4)))) * s;
+        };
+        uint4 vec;
+        uint32_t* words = reinterpret_cast<uint32_t*>(&vec);
+        if constexpr (k16) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) words[i] = pack_pair<Out>(value(2 * i), value(2 * i + 1));
+          if (s != s) {  // a NaN block (the only NaN outputs: codebook entries are finite)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) words[i] = nan_pair<Out>();
+          }
+        } else {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) words[i] = f32_to_bits(Out::store(value(i)));
         }
+        const int64_t b = tile * kBlock + src;
+        if (b < blocks_per_group) reinterpret_cast<uint4*>(out + (first + b) * kBlock + pos)[0] = vec;
       }
-      union {
-        uint4 v;
-        Storage e[E];
-      } vec;
-      const bool nan_block = s != s;  // the only way an output can be NaN: codebook entries are finite
 #pragma unroll
-      for (int i = 0; i < E; ++i) {
-        const int code = static_cast<int>((acc[i / 4] >> (8 * (i % 4))) & 0xffu);
-        vec.e[i] = store_fast<Out>(__shfl_sync(kFull, entry, code) * s, nan_block);
-      }
-      if (active) reinterpret_cast<uint4*>(out + blk * kBlock + shift)[0] = vec.v;
+      for (int j = 0; j < K; ++j) w[j] = next_w[j];
+      st = next_st;
     }
   }
 }
@@ -116,11 +174,11 @@ template <typename Out, int K>
 void launch_dequantize(cudaStream_t stream, const Layout& L, const uint32_t* packed, const void* scales,
                        const float* cb, const float* ts, void* out) {
   using Storage = typename Out::Storage;
-  constexpr int E = 16 / sizeof(Storage);
   const int64_t bpg = L.rows_per_group * L.nb;
   auto* o = static_cast<Storage*>(out);
-  if (L.d % kBlock == 0 && reinterpret_cast<uintptr_t>(out) % kVectorAlign == 0) {
-    const dim3 grid = grid_for((bpg + E - 1) / E, L.groups);
+  if (L.d % kBlock == 0 && reinterpret_cast<uintptr_t>(out) % kVectorAlign == 0 &&
+      reinterpret_cast<uintptr_t>(packed) % (K == 4 ? 16 : K == 2 ? 8 : 4) == 0) {
+    const dim3 grid = grid_for((bpg + kBlock - 1) / kBlock, L.groups);
     dequantize_vec_kernel<Out, K>
         <<<grid, kThreads, 0, stream>>>(L.format, packed, scales, cb, ts, o, bpg, L.groups);
   } else {
