@@ -49,13 +49,27 @@ inline int sm_count() {
   return count;
 }
 
+// CTAs of `kernel` (kThreads threads, no dynamic shared memory) that fit on one SM at once; 8 if the query
+// fails (the launch then reports any real problem).
+template <typename Kernel>
+int resident_ctas(Kernel kernel) {
+  int per_sm = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0) != cudaSuccess ||
+      per_sm < 1) {
+    return 8;
+  }
+  return per_sm;
+}
+
 // Blocks of one group are contiguous (rows [g * rows_per_group, (g + 1) * rows_per_group) times nb blocks).
-// CTAs along x: enough to cover a group's work or to fill every SM several times, whichever is fewer;
-// groups along y, capped by the hardware limit (the kernels stride over the rest).
-inline dim3 grid_for(int64_t warp_steps, int64_t groups) {
+// CTAs along x: enough to cover a group's work or to fill every SM with `per_sm` resident CTAs, whichever
+// is fewer (a grid of exactly one full wave: a partial second wave would run at a fraction of the
+// occupancy); groups along y, capped by the hardware limit (the kernels stride over the rest).
+inline dim3 grid_for(int64_t warp_steps, int64_t groups, int per_sm = 8) {
   const int64_t sms = sm_count() > 0 ? sm_count() : 132;
   const int64_t per_group = (warp_steps + kWarps - 1) / kWarps;
-  const int64_t cap = std::max<int64_t>(1, sms * 8 / std::max<int64_t>(1, std::min<int64_t>(groups, 64)));
+  const int64_t cap =
+      std::max<int64_t>(1, sms * per_sm / std::max<int64_t>(1, std::min<int64_t>(groups, 64)));
   return dim3(static_cast<unsigned>(std::max<int64_t>(1, std::min(per_group, cap))),
               static_cast<unsigned>(std::min<int64_t>(groups, 65535)));
 }

@@ -177,8 +177,12 @@ void launch_dequantize(cudaStream_t stream, const Layout& L, const uint32_t* pac
   const int64_t bpg = L.rows_per_group * L.nb;
   auto* o = static_cast<Storage*>(out);
   if (L.d % kBlock == 0 && reinterpret_cast<uintptr_t>(out) % kVectorAlign == 0 &&
-      reinterpret_cast<uintptr_t>(packed) % (K == 4 ? 16 : K == 2 ? 8 : 4) == 0) {
-    const dim3 grid = grid_for((bpg + kBlock - 1) / kBlock, L.groups);
+      reinterpret_cast<uintptr_t>(packed) % (K == 4   ? 16
+                                             : K == 2 ? 8
+                                                      : 4) ==
+          0) {
+    static const int per_sm = resident_ctas(dequantize_vec_kernel<Out, K>);
+    const dim3 grid = grid_for((bpg + kBlock - 1) / kBlock, L.groups, per_sm);
     dequantize_vec_kernel<Out, K>
         <<<grid, kThreads, 0, stream>>>(L.format, packed, scales, cb, ts, o, bpg, L.groups);
   } else {

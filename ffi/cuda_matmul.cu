@@ -22,7 +22,7 @@ namespace kbit {
 namespace cuda {
 namespace {
 
-constexpr int kMmWarps = 4;
+constexpr int kMmWarps = 8;  // one pair table (32 KB at K = 4) serves 8 warps
 constexpr int kMmThreads = kMmWarps * 32;
 constexpr int kChunk = 4;  // blocks whose loads are issued together, to keep memory busy
 constexpr int kMaxRows = 32;
@@ -56,7 +56,7 @@ __device__ __forceinline__ uint32_t pair_value(const uint32_t* table, uint32_t p
 }
 
 template <int K>
-constexpr int table_bytes() {
+__host__ __device__ constexpr int table_bytes() {
   return K <= 4 ? (1 << (2 * K)) * 32 * 4 : 0;
 }
 
@@ -88,21 +88,32 @@ __device__ __forceinline__ void build_pair_table(const float* __restrict__ codeb
   }
 }
 
-// One block (32 terms of the reduction) of rows r0 = tile + g and r1 = r0 + 8 for every row tile of x:
-// the A fragments rebuilt from the K words of each row, the tensor-core products, and the block's float32
-// partial sums scaled into acc. Rows past n_out (v0 / v1 false) get scale 0: their products are finite
-// (codebook values times x) and never stored.
+// Shared memory: the pair table (K <= 4, table_bytes<K>()), then the e4m4 scale table: decode_scale of each
+// of the 256 stored bytes, so that a block's scale is one shared-memory load instead of a dozen instructions.
+constexpr int kScaleTableBytes = 256 * sizeof(float);
+
+template <int K>
+__host__ __device__ constexpr int smem_bytes() {
+  return table_bytes<K>() + kScaleTableBytes;
+}
+
+__device__ __forceinline__ void build_scale_table(ScaleFormat fmt, float t, float* table) {
+  if (fmt == ScaleFormat::kE4M4) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x)
+      table[i] = decode_scale(fmt, static_cast<uint32_t>(i), t);
+  }
+}
+
+// One block (32 terms of the reduction) of rows r0 = tile + g and r1 = r0 + 8 for every row tile of x: the A
+// fragments rebuilt from the K words of each row, the tensor-core products with the x words xw (for row tile
+// i and half h: the words of x columns 16 h + 2 c and 16 h + 2 c + 8 of the block), and the block's float32
+// partial sums scaled by the rows' decoded scales s0, s1 into acc.
 template <bool kBf16, int K, int MT>
-__device__ __forceinline__ void block_step(ScaleFormat fmt, const uint32_t (&w0)[K], const uint32_t (&w1)[K],
-                                           uint32_t st0, uint32_t st1, bool v0, bool v1, float t,
-                                           uint32_t entry, const uint32_t* table,
-                                           const uint32_t* __restrict__ x32, int64_t ldx, int64_t m_rows,
-                                           int64_t b, int lane, float (&acc)[MT][4]) {
+__device__ __forceinline__ void block_step(const uint32_t (&w0)[K], const uint32_t (&w1)[K], float s0,
+                                           float s1, uint32_t entry, const uint32_t* table,
+                                           const uint32_t (&xw)[MT][2][2], int lane, float (&acc)[MT][4]) {
   constexpr bool kTable = K <= 4;
-  const int g = lane >> 2;
   const int c = lane & 3;
-  const float s0 = v0 ? decode_scale(fmt, st0, t) : 0.0f;
-  const float s1 = v1 ? decode_scale(fmt, st1, t) : 0.0f;
   uint32_t e00 = 0, e01 = 0, e10 = 0, e11 = 0;
   if constexpr (kTable) {
     e00 = pair_index<K>(w0, c);
@@ -128,17 +139,8 @@ __device__ __forceinline__ void block_step(ScaleFormat fmt, const uint32_t (&w0)
       a[2] = pack(lookup(entry, e00, 2 * h + 1), lookup(entry, e01, 2 * h + 1));
       a[3] = pack(lookup(entry, e10, 2 * h + 1), lookup(entry, e11, 2 * h + 1));
     }
-    const int64_t kk = b * kBlock + 16 * h + 2 * c;  // even: a pair of 16-bit x values is one word
 #pragma unroll
-    for (int i = 0; i < MT; ++i) {
-      const int64_t m = 8 * i + g;
-      uint32_t xb0 = 0, xb1 = 0;
-      if (m < m_rows) {
-        xb0 = x32[(m * ldx + kk) >> 1];
-        xb1 = x32[(m * ldx + kk + 8) >> 1];
-      }
-      mma_16816<kBf16>(part[i], a, xb0, xb1);
-    }
+    for (int i = 0; i < MT; ++i) mma_16816<kBf16>(part[i], a, xw[i][h][0], xw[i][h][1]);
   }
 #pragma unroll
   for (int i = 0; i < MT; ++i) {
@@ -171,17 +173,79 @@ __device__ __forceinline__ void store_tile(const float (&acc)[MT][4], int64_t r0
   }
 }
 
+// What one lane reads for one work item: its two weight rows (clamped to the last row, so every load is in
+// bounds; a row past n_out gets scale 0 and is never stored) and its x rows, as base pointers that each
+// block offsets by a small constant.
+struct ItemPointers {
+  const uint32_t* w0;
+  const uint32_t* w1;
+  int64_t s0, s1;  // scale index of block 0 of each row
+  const uint32_t* x[4];
+  bool v0, v1;
+};
+
+// C blocks starting at block b: all loads first (weights, scales, x), then the products.
+template <bool kBf16, int K, int MT, int C>
+__device__ __forceinline__ void chunk_step(ScaleFormat fmt, const void* __restrict__ scales, float t,
+                                           const float* scale_table, const ItemPointers& P, int64_t b,
+                                           uint32_t entry, const uint32_t* table, int lane,
+                                           float (&acc)[MT][4]) {
+  const int c = lane & 3;
+  uint32_t w0[C][K], w1[C][K];
+#pragma unroll
+  for (int u = 0; u < C; ++u) {
+    load_words<K>(P.w0 + (b + u) * K, w0[u]);
+    load_words<K>(P.w1 + (b + u) * K, w1[u]);
+  }
+  float s0[C], s1[C];
+  if (fmt == ScaleFormat::kE4M4) {  // uniform across the grid
+    const uint8_t* sc = static_cast<const uint8_t*>(scales);
+    uint32_t st0[C], st1[C];
+#pragma unroll
+    for (int u = 0; u < C; ++u) {
+      st0[u] = sc[P.s0 + b + u];
+      st1[u] = sc[P.s1 + b + u];
+    }
+#pragma unroll
+    for (int u = 0; u < C; ++u) {
+      s0[u] = P.v0 ? scale_table[st0[u]] : 0.0f;
+      s1[u] = P.v1 ? scale_table[st1[u]] : 0.0f;
+    }
+  } else {
+#pragma unroll
+    for (int u = 0; u < C; ++u) {
+      s0[u] = P.v0 ? decode_scale(fmt, read_scale(fmt, scales, P.s0 + b + u), t) : 0.0f;
+      s1[u] = P.v1 ? decode_scale(fmt, read_scale(fmt, scales, P.s1 + b + u), t) : 0.0f;
+    }
+  }
+  // x words: columns 16 h + 2 c (and + 8) of the block, as pairs of 16-bit values; rows past m_rows read 0.
+  uint32_t xw[C][MT][2][2];
+#pragma unroll
+  for (int u = 0; u < C; ++u) {
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t o = (b + u) * (kBlock / 2) + 8 * h + c;
+        xw[u][i][h][0] = P.x[i] != nullptr ? P.x[i][o] : 0u;
+        xw[u][i][h][1] = P.x[i] != nullptr ? P.x[i][o + 4] : 0u;
+      }
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < C; ++u) {
+    block_step<kBf16, K, MT>(w0[u], w1[u], s0[u], s1[u], entry, table, xw[u], lane, acc);
+  }
+}
+
 // One work item of one warp: output rows [16 * tile, 16 * tile + 16), blocks [split * per_split, ...),
 // MT tiles of 8 rows of x.
 template <bool kBf16, int K, int MT>
-__device__ __forceinline__ void matmul_item(ScaleFormat fmt, const uint32_t* __restrict__ packed,
-                                            const void* __restrict__ scales,
-                                            const float* __restrict__ codebook,
-                                            const float* __restrict__ tensor_scale,
-                                            const uint16_t* __restrict__ x, int64_t m_rows, int64_t n_out,
-                                            int64_t nb, int64_t tiles, int64_t splits, int64_t per_split,
-                                            float* __restrict__ partial, uint16_t* __restrict__ out,
-                                            const uint32_t* table, int lane, int64_t item) {
+__device__ __forceinline__ void matmul_item(
+    ScaleFormat fmt, const uint32_t* __restrict__ packed, const void* __restrict__ scales,
+    const float* __restrict__ codebook, float t, const uint16_t* __restrict__ x, int64_t m_rows,
+    int64_t n_out, int64_t nb, int64_t tiles, int64_t splits, int64_t per_split, float* __restrict__ partial,
+    uint16_t* __restrict__ out, const uint32_t* table, const float* scale_table, int lane, int64_t item) {
   constexpr bool kTable = K <= 4;
   const int64_t tile = item % tiles;
   const int64_t split = item / tiles;
@@ -189,58 +253,46 @@ __device__ __forceinline__ void matmul_item(ScaleFormat fmt, const uint32_t* __r
   const int c = lane & 3;
   const int64_t r0 = tile * 16 + g;
   const int64_t r1 = r0 + 8;
-  const bool v0 = r0 < n_out;
-  const bool v1 = r1 < n_out;
+  ItemPointers P;
+  P.v0 = r0 < n_out;
+  P.v1 = r1 < n_out;
+  const int64_t r0c = P.v0 ? r0 : n_out - 1;
+  const int64_t r1c = P.v1 ? r1 : n_out - 1;
+  P.w0 = packed + r0c * nb * K;
+  P.w1 = packed + r1c * nb * K;
+  P.s0 = r0c * nb;
+  P.s1 = r1c * nb;
+  const int64_t ldx = nb * kBlock;  // x is padded with zeros to whole blocks
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t m = 8 * i + g;
+    P.x[i] = i < MT && m < m_rows ? reinterpret_cast<const uint32_t*>(x + m * ldx) : nullptr;
+  }
   const uint32_t entry = !kTable && lane < (1 << K) ? to_16<kBf16>(codebook[lane]) : 0u;
-  const float t = tensor_scale[0];
   const int64_t begin = split * per_split;
   const int64_t end = begin + per_split < nb ? begin + per_split : nb;
-  const int64_t ldx = nb * kBlock;  // x is padded with zeros to whole blocks
-  const uint32_t* x32 = reinterpret_cast<const uint32_t*>(x);
 
   float acc[MT][4];
 #pragma unroll
   for (int i = 0; i < MT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
-
-  for (int64_t b0 = begin; b0 < end; b0 += kChunk) {
-    uint32_t w0[kChunk][K], w1[kChunk][K];
-    uint32_t st0[kChunk], st1[kChunk];
-#pragma unroll
-    for (int u = 0; u < kChunk; ++u) {
-      const int64_t b = b0 + u;
-      const bool in = b < end;
-      if (in && v0) {
-        load_words<K>(packed + (r0 * nb + b) * K, w0[u]);
-        st0[u] = read_scale(fmt, scales, r0 * nb + b);
-      } else {
-#pragma unroll
-        for (int j = 0; j < K; ++j) w0[u][j] = 0;
-        st0[u] = 0;
-      }
-      if (in && v1) {
-        load_words<K>(packed + (r1 * nb + b) * K, w1[u]);
-        st1[u] = read_scale(fmt, scales, r1 * nb + b);
-      } else {
-#pragma unroll
-        for (int j = 0; j < K; ++j) w1[u][j] = 0;
-        st1[u] = 0;
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kChunk; ++u) {
-      const int64_t b = b0 + u;
-      if (b >= end) break;  // uniform across the warp
-      block_step<kBf16, K, MT>(fmt, w0[u], w1[u], st0[u], st1[u], v0, v1, t, entry, table, x32, ldx, m_rows,
-                               b, lane, acc);
-    }
+  int64_t b = begin;
+  for (; b + kChunk <= end; b += kChunk) {
+    chunk_step<kBf16, K, MT, kChunk>(fmt, scales, t, scale_table, P, b, entry, table, lane, acc);
   }
-
+  for (; b < end; ++b)
+    chunk_step<kBf16, K, MT, 1>(fmt, scales, t, scale_table, P, b, entry, table, lane, acc);
   store_tile<kBf16, MT>(acc, r0, r1, c, m_rows, n_out, splits, split, partial, out);
 }
 
-// Persistent CTAs: each builds the pair table (K <= 4) once, then its warps take (tile, split) items in turn.
+// CTAs per SM asked of the register allocator (more row tiles of x and K = 5 need more registers).
+template <int K, int MT>
+__host__ __device__ constexpr int min_ctas() {
+  return MT == 1 && K <= 4 ? 3 : MT <= 2 ? 2 : 1;
+}
+
+// Persistent CTAs: each builds its tables once, then its warps take (tile, split) items in turn.
 template <bool kBf16, int K, int MT>
-__global__ void __launch_bounds__(kMmThreads)
+__global__ void __launch_bounds__(kMmThreads, min_ctas<K, MT>())
     matmul_kernel(ScaleFormat fmt, const uint32_t* __restrict__ packed, const void* __restrict__ scales,
                   const float* __restrict__ codebook, const float* __restrict__ tensor_scale,
                   const uint16_t* __restrict__ x, int64_t m_rows, int64_t n_out, int64_t nb, int64_t tiles,
@@ -248,12 +300,16 @@ __global__ void __launch_bounds__(kMmThreads)
                   uint16_t* __restrict__ out) {
   extern __shared__ uint4 smem[];
   const int lane = threadIdx.x & 31;
-  build_pair_table<kBf16, K>(codebook, smem);
+  const float t = tensor_scale[0];
+  float* scale_table = reinterpret_cast<float*>(reinterpret_cast<char*>(smem) + table_bytes<K>());
+  build_scale_table(fmt, t, scale_table);
+  build_pair_table<kBf16, K>(codebook, smem);  // ends with __syncthreads()
+  if constexpr (K > 4) __syncthreads();
   const uint32_t* table = reinterpret_cast<const uint32_t*>(smem);
   for (int64_t item = static_cast<int64_t>(blockIdx.x) * kMmWarps + (threadIdx.x >> 5); item < tiles * splits;
        item += static_cast<int64_t>(gridDim.x) * kMmWarps) {
-    matmul_item<kBf16, K, MT>(fmt, packed, scales, codebook, tensor_scale, x, m_rows, n_out, nb, tiles,
-                              splits, per_split, partial, out, table, lane, item);
+    matmul_item<kBf16, K, MT>(fmt, packed, scales, codebook, t, x, m_rows, n_out, nb, tiles, splits,
+                              per_split, partial, out, table, scale_table, lane, item);
   }
 }
 
@@ -268,12 +324,33 @@ struct Args {
   uint16_t* out;
 };
 
-// Splits the reduction so that the resident warps have about one item each, with at least two chunks of
-// blocks per item; persistent CTAs, as many as fit on the GPU at once.
+// How many parts the reduction is split into: each warp works through its items one chunk of blocks after
+// another, each chunk a memory round trip, so the time goes as (rounds of items over the resident warps) x
+// (chunks per item). The split count minimising that (the fewest splits among equals) keeps every resident
+// warp busy without a nearly empty last round; parts of at least two chunks, whole chunks each.
+struct Split {
+  int64_t splits, per_split;
+};
+
+inline Split choose_split(int64_t nb, int64_t tiles, int64_t resident_warps) {
+  const int64_t max_splits = std::max<int64_t>(1, nb / (2 * kChunk));
+  Split best{1, nb};
+  int64_t best_cost = -1;
+  for (int64_t s = 1; s <= max_splits; ++s) {
+    const int64_t per = ((nb + s - 1) / s + kChunk - 1) / kChunk * kChunk;
+    const int64_t used = (nb + per - 1) / per;  // no empty splits
+    const int64_t rounds = (tiles * used + resident_warps - 1) / resident_warps;
+    const int64_t cost = rounds * (per / kChunk);
+    if (best_cost < 0 || cost < best_cost) best = {used, per}, best_cost = cost;
+  }
+  return best;
+}
+
+// Persistent CTAs, as many as fit on the GPU at once.
 template <bool kBf16, int K, int MT>
 ffi::Error run_matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, const Args& a) {
   auto* kernel = matmul_kernel<kBf16, K, MT>;
-  constexpr int smem = table_bytes<K>();
+  constexpr int smem = smem_bytes<K>();
   int per_sm = 0;
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kMmThreads, smem) != cudaSuccess ||
       per_sm < 1) {
@@ -282,10 +359,7 @@ ffi::Error run_matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, const
   const int64_t sms = sm_count() > 0 ? sm_count() : 132;
   const int64_t resident_warps = sms * per_sm * kMmWarps;
   const int64_t tiles = (a.n + 15) / 16;
-  const int64_t max_splits = std::max<int64_t>(1, a.nb / (2 * kChunk));
-  int64_t splits = std::min<int64_t>(max_splits, std::max<int64_t>(1, (resident_warps + tiles - 1) / tiles));
-  const int64_t per_split = (a.nb + splits - 1) / splits;
-  splits = (a.nb + per_split - 1) / per_split;  // no empty splits
+  const auto [splits, per_split] = choose_split(a.nb, tiles, resident_warps);
   float* partial = nullptr;
   if (splits > 1) {
     const auto mem = scratch.Allocate(static_cast<size_t>(splits * a.m * a.n) * sizeof(float));
