@@ -9,7 +9,8 @@
 # (quantize/dequantize benchmark), sanitize (compute-sanitizer memcheck + racecheck), selfcheck, cpu (the CPU
 # suite on this machine's jax), ncu (profile of the quantize/dequantize kernels), ncu_matmul (full profile of
 # the M = 1 fused matmul kernel), sass (disassembly of the CUDA module).
-# PYTEST_ARGS: extra arguments for the tests step (e.g. --ignore a file already run on the same kernels).
+# PYTEST_ARGS: extra arguments for the tests step (e.g. --ignore a file already run on the same kernels);
+# PYTEST_K: a -k expression for it (may contain spaces).
 # Logs and results go to $OUT/logs (default bench/out/logs), packed into $OUT/logs.tgz at exit (the device tool
 # brings back only a few files). DEADLINE=seconds skips the steps that would start after it.
 set -uo pipefail
@@ -56,7 +57,7 @@ for s in $steps; do
   if [ $SECONDS -gt "$deadline" ]; then echo "skipped $s: past DEADLINE=$deadline s"; status=1; continue; fi
   case $s in
     tests) TAIL=12 step gpu_tests python3 -m pytest -q -p no:cacheprovider -m gpu "$repo/tests" \
-      --ignore "$repo/tests/test_sharding.py" ${PYTEST_ARGS:-} ;;
+      --ignore "$repo/tests/test_sharding.py" ${PYTEST_ARGS:-} ${PYTEST_K:+-k "$PYTEST_K"} ;;
     shard_tests) TAIL=8 step shard_tests python3 -m pytest -q -p no:cacheprovider -m gpu "$repo/tests/test_sharding.py" ;;
     matmul) TAIL=70 step bench_matmul python3 "$repo/bench/bench_matmul.py" --out "$OUT" ${quick:+--quick} ;;
     decode) [ -f "$repo/bench/bench_decode.py" ] && step bench_decode python3 "$repo/bench/bench_decode.py" --out "$OUT" ${quick:+--quick} ;;

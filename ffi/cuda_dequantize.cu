@@ -72,6 +72,11 @@ __device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
   }
 }
 
+__device__ __forceinline__ void store16(void* p, const uint32_t (&w)[4]) {
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
+               : "memory");
+}
+
 // Codes of 4 consecutive elements, one per byte, from the 4-bit nibble of each plane that holds them:
 // multiplying a nibble by 0x00204081 puts copies of it 7 bits apart, so bit e of copy e lands on bit 8e (the
 // copies do not overlap, hence no carries); the plane's shift j is folded into the multiplier and the mask.
@@ -147,8 +152,7 @@ __global__ void __launch_bounds__(kThreads, K == 5 ? kVecMinBlocks - 1 : kVecMin
         auto value = [&](int i) {
           return __shfl_sync(kFull, entry, static_cast<int>(codes[i / 4] >> (8 * (i % 4)))) * s;
         };
-        uint4 vec;
-        uint32_t* words = reinterpret_cast<uint32_t*>(&vec);
+        uint32_t words[4];
         if constexpr (k16) {
 #pragma unroll
           for (int i = 0; i < 4; ++i) words[i] = pack_pair<Out>(value(2 * i), value(2 * i + 1));
@@ -161,7 +165,8 @@ __global__ void __launch_bounds__(kThreads, K == 5 ? kVecMinBlocks - 1 : kVecMin
           for (int i = 0; i < 4; ++i) words[i] = f32_to_bits(Out::store(value(i)));
         }
         const int64_t b = tile * kBlock + src;
-        if (b < blocks_per_group) reinterpret_cast<uint4*>(out + (first + b) * kBlock + pos)[0] = vec;
+        // One 16-byte store (st.global.v4): stores split into 4-byte pieces would each write partial sectors.
+        if (b < blocks_per_group) store16(out + (first + b) * kBlock + pos, words);
       }
 #pragma unroll
       for (int j = 0; j < K; ++j) w[j] = next_w[j];

@@ -51,8 +51,8 @@ __device__ __forceinline__ uint32_t pair_index(const uint32_t (&w)[K], int c) {
 }
 
 // Table entry i, replicated in words 32 i .. 32 i + 31: lane l reads word 32 i + l, always in bank l.
-__device__ __forceinline__ uint32_t pair_value(const uint32_t* table, uint32_t p, int q, int lane) {
-  return table[(((p >> (8 * q)) & 0xffu) << 5) + lane];
+__device__ __forceinline__ uint32_t pair_value(const uint32_t* table_lane, uint32_t p, int q) {
+  return table_lane[__byte_perm(p, 0, 0x4440 + q) << 5];  // byte q of p, zero-extended
 }
 
 template <int K>
@@ -129,10 +129,10 @@ __device__ __forceinline__ void block_step(const uint32_t (&w0)[K], const uint32
   for (int h = 0; h < 2; ++h) {
     uint32_t a[4];
     if constexpr (kTable) {
-      a[0] = pair_value(table, e00, 2 * h, lane);      // row g, k 2c, 2c+1
-      a[1] = pair_value(table, e10, 2 * h, lane);      // row g+8
-      a[2] = pair_value(table, e00, 2 * h + 1, lane);  // row g, k 2c+8, 2c+9
-      a[3] = pair_value(table, e10, 2 * h + 1, lane);  // row g+8
+      a[0] = pair_value(table, e00, 2 * h);      // row g, k 2c, 2c+1
+      a[1] = pair_value(table, e10, 2 * h);      // row g+8
+      a[2] = pair_value(table, e00, 2 * h + 1);  // row g, k 2c+8, 2c+9
+      a[3] = pair_value(table, e10, 2 * h + 1);  // row g+8
     } else {
       a[0] = pack(lookup(entry, e00, 2 * h), lookup(entry, e01, 2 * h));
       a[1] = pack(lookup(entry, e10, 2 * h), lookup(entry, e11, 2 * h));
@@ -218,7 +218,7 @@ __device__ __forceinline__ void chunk_step(ScaleFormat fmt, const void* __restri
       s1[u] = P.v1 ? decode_scale(fmt, read_scale(fmt, scales, P.s1 + b + u), t) : 0.0f;
     }
   }
-  // x words: columns 16 h + 2 c (and + 8) of the block, as pairs of 16-bit values; rows past m_rows read 0.
+  // x words: columns 16 h + 2 c (and + 8) of the block, as pairs of 16-bit values.
   uint32_t xw[C][MT][2][2];
 #pragma unroll
   for (int u = 0; u < C; ++u) {
@@ -227,8 +227,8 @@ __device__ __forceinline__ void chunk_step(ScaleFormat fmt, const void* __restri
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int64_t o = (b + u) * (kBlock / 2) + 8 * h + c;
-        xw[u][i][h][0] = P.x[i] != nullptr ? P.x[i][o] : 0u;
-        xw[u][i][h][1] = P.x[i] != nullptr ? P.x[i][o + 4] : 0u;
+        xw[u][i][h][0] = P.x[i][o];
+        xw[u][i][h][1] = P.x[i][o + 4];
       }
     }
   }
@@ -266,7 +266,8 @@ __device__ __forceinline__ void matmul_item(
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int64_t m = 8 * i + g;
-    P.x[i] = i < MT && m < m_rows ? reinterpret_cast<const uint32_t*>(x + m * ldx) : nullptr;
+    // Rows past m_rows read row m_rows - 1: their products land in outputs that are never stored.
+    P.x[i] = reinterpret_cast<const uint32_t*>(x + (m < m_rows ? m : m_rows - 1) * ldx);
   }
   const uint32_t entry = !kTable && lane < (1 << K) ? to_16<kBf16>(codebook[lane]) : 0u;
   const int64_t begin = split * per_split;
@@ -305,7 +306,7 @@ __global__ void __launch_bounds__(kMmThreads, min_ctas<K, MT>())
   build_scale_table(fmt, t, scale_table);
   build_pair_table<kBf16, K>(codebook, smem);  // ends with __syncthreads()
   if constexpr (K > 4) __syncthreads();
-  const uint32_t* table = reinterpret_cast<const uint32_t*>(smem);
+  const uint32_t* table = reinterpret_cast<const uint32_t*>(smem) + lane;  // this lane's copy of entry 0
   for (int64_t item = static_cast<int64_t>(blockIdx.x) * kMmWarps + (threadIdx.x >> 5); item < tiles * splits;
        item += static_cast<int64_t>(gridDim.x) * kMmWarps) {
     matmul_item<kBf16, K, MT>(fmt, packed, scales, codebook, t, x, m_rows, n_out, nb, tiles, splits,
