@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -228,3 +229,208 @@ def compare_embeddings(reference: np.ndarray, other: np.ndarray, top: int = 3) -
         "top_same": int(np.sum(np.all(ra == rb, axis=1))),
         "sim_max_change": float(np.max(np.abs(sa - sb))),
     }
+
+
+# ---------------------------------------------------------------- calibrated quantization
+
+#: The 36 encoder matrices ``quantize_calibrated_params`` calibrates, in the order it quantizes them.
+#: Within a layer: query and key (they share their inputs and token weights), value, the attention output
+#: projection, the two feed-forward matrices.
+_GROUPS = (
+    ("attention.self.query", "attention.self.key"),
+    ("attention.self.value",),
+    ("attention.output.dense",),
+    ("intermediate.dense",),
+    ("output.dense",),
+)
+CALIBRATED_MATRICES: tuple[str, ...] = tuple(
+    f"encoder.layer.{i}.{name}.weight" for i in range(NUM_LAYERS) for group in _GROUPS for name in group
+)
+
+
+def _layer_params(p: Mapping[str, jax.Array], i: int) -> dict[str, jax.Array]:
+    """Layer ``i``'s parameters with the ``encoder.layer.{i}.`` prefix removed."""
+    pre = f"encoder.layer.{i}."
+    return {k[len(pre) :]: v for k, v in p.items() if k.startswith(pre)}
+
+
+def _attention_context(lp, x, mask):
+    batch, length, _ = x.shape
+    hd = HIDDEN // NUM_HEADS
+
+    def heads(t):
+        return t.reshape(batch, length, NUM_HEADS, hd).transpose(0, 2, 1, 3)
+
+    q = heads(_dense(lp, "attention.self.query", x))
+    k = heads(_dense(lp, "attention.self.key", x))
+    v = heads(_dense(lp, "attention.self.value", x))
+    bias = (1.0 - mask)[:, None, None, :] * jnp.finfo(jnp.float32).min
+    probs = jax.nn.softmax((q @ k.transpose(0, 1, 3, 2)) / np.float32(np.sqrt(hd)) + bias, axis=-1)
+    return (probs @ v).transpose(0, 2, 1, 3).reshape(batch, length, HIDDEN), probs
+
+
+def _after_attention(lp, x, ctx):
+    r = x + _dense(lp, "attention.output.dense", ctx)
+    return _layer_norm(r, lp["attention.output.LayerNorm.weight"], lp["attention.output.LayerNorm.bias"]), r
+
+
+def _hidden(lp, x2):
+    return _gelu(_dense(lp, "intermediate.dense", x2))
+
+
+def _after_ffn(lp, x2, h):
+    r = x2 + _dense(lp, "output.dense", h)
+    return _layer_norm(r, lp["output.LayerNorm.weight"], lp["output.LayerNorm.bias"]), r
+
+
+@jax.jit
+def _float_layer(lp, x, mask):
+    """One encoder layer (parameters from ``_layer_params``): its output, the inputs of the five groups of
+    ``_GROUPS`` and the weight of each position's output error for each group.
+
+    An error added before a LayerNorm is divided by that position's standard deviation there, so positions
+    are weighted by 1 / variance of the LayerNorm input their output goes into. A value vector is read by the
+    positions that attend to it: its weight is the squared attention it receives times their weights.
+    """
+    ctx, probs = _attention_context(lp, x, mask)
+    x2, r_attn = _after_attention(lp, x, ctx)
+    h = _hidden(lp, x2)
+    out, r_ffn = _after_ffn(lp, x2, h)
+    w_attn = mask / (jnp.var(r_attn, axis=-1) + LN_EPS)
+    w_ffn = mask / (jnp.var(r_ffn, axis=-1) + LN_EPS)
+    w_value = jnp.einsum("bhts,bt->bs", probs**2, w_attn) / NUM_HEADS * mask
+    return out, (x, x, ctx, x2, h), (w_attn, w_value, w_attn, w_ffn, w_ffn)
+
+
+_context = jax.jit(lambda lp, x, mask: _attention_context(lp, x, mask)[0])
+_after_attention_jit = jax.jit(lambda lp, x, ctx: _after_attention(lp, x, ctx)[0])
+_hidden_jit = jax.jit(_hidden)
+_after_ffn_jit = jax.jit(lambda lp, x2, h: _after_ffn(lp, x2, h)[0])
+
+
+@jax.jit
+def _embed_inputs(p, input_ids):
+    length = input_ids.shape[1]
+    x = (
+        p["embeddings.word_embeddings.weight"][input_ids]
+        + p["embeddings.position_embeddings.weight"][jnp.arange(length)][None]
+        + p["embeddings.token_type_embeddings.weight"][0][None, None]
+    )
+    return _layer_norm(x, p["embeddings.LayerNorm.weight"], p["embeddings.LayerNorm.bias"])
+
+
+@jax.jit
+def _grams(x_quant, x_float, weight, positions):
+    """``H = Xq^T diag(w) Xq`` and ``C = X^T diag(w) Xq`` (float32) over the flat ``positions``."""
+    n = x_quant.shape[-1]
+    xq = x_quant.reshape(-1, n)[positions]
+    w = weight.reshape(-1)[positions][:, None]
+    return (xq * w).T @ xq, (x_float.reshape(-1, n)[positions] * w).T @ xq
+
+
+def quantize_calibrated_params(
+    params: Any,
+    settings: Mapping[str, tuple[int, Any, str]],
+    sentences: Sequence[str] | None = None,
+    tokenizer: Tokenizer | None = None,
+    *,
+    correction: float = 0.5,
+    damp: float | None = None,
+    correction_damp: float = 0.1,
+    scale_factors: Sequence[float] | None = None,
+    refine: int | None = None,
+    progress: Any = None,
+) -> dict[str, QuantizedArray]:
+    """Quantize the encoder's weight matrices with calibration (``jax_kbit.calibrate``), layer by layer.
+
+    The calibration sentences run through the float32 model and through the model quantized so far. For each
+    group of matrices in order (query and key, value, attention output, the two feed-forward matrices;
+    layer 0 to 5), with ``Xq`` the group's inputs in the quantized model, ``X`` those in the float32 model and
+    ``w`` per-position weights from the float32 model (how much an output error at that position matters:
+    ``1 / var`` of the LayerNorm input the output goes into; for the value projection, the squared attention
+    each position receives):
+
+    - the target is ``calibrate.corrected_target(W, H, C, strength=correction)``, with ``H = Xq^T diag(w) Xq``
+      and ``C = X^T diag(w) Xq``: the weights moved ``correction`` of the way toward mapping ``Xq`` onto the
+      float32 model's outputs, which compensates part of the error of the layers before;
+    - ``calibrate.quantize_calibrated(target, k, hessian=H, ...)`` quantizes it.
+
+    Matrices not in ``settings`` stay in float32 (also in the quantized model the later groups see); the
+    embeddings, the pooler and anything else are not handled here.
+
+    Args:
+      params: the float32 checkpoint (flat ``{name: array}`` with Hugging Face names, or nested).
+      settings: ``{name: (k, codebook or None, scale_format)}`` for matrices of ``CALIBRATED_MATRICES``.
+      sentences: calibration sentences (default ``jax_kbit.models.calibration.CALIBRATION_SENTENCES``,
+        disjoint from ``SENTENCES``).
+      tokenizer: default ``Tokenizer()``.
+      correction: ``strength`` of ``corrected_target`` (0: plain sequential GPTQ).
+      damp, scale_factors, refine: passed to ``quantize_calibrated`` (defaults: its defaults).
+      correction_damp: the ridge of ``corrected_target``.
+      progress: optional callable, called with each matrix's name after it is quantized.
+
+    Returns:
+      ``{name: QuantizedArray}`` for the names in ``settings``.
+    """
+    from jax_kbit import calibrate
+    from jax_kbit.models.calibration import CALIBRATION_SENTENCES
+
+    unknown = sorted(set(settings) - set(CALIBRATED_MATRICES))
+    if unknown:
+        raise ValueError(f"settings: not a calibrated MiniLM encoder matrix: {unknown[:3]}")
+    sentences = CALIBRATION_SENTENCES if sentences is None else tuple(sentences)
+    if not sentences or not all(isinstance(s, str) for s in sentences):
+        raise ValueError("sentences must be a non-empty sequence of str")
+    tokenizer = Tokenizer() if tokenizer is None else tokenizer
+    damp = calibrate.DEFAULT_DAMP if damp is None else damp
+    refine = calibrate.DEFAULT_REFINE if refine is None else refine
+    factors = calibrate.DEFAULT_SCALE_FACTORS if scale_factors is None else scale_factors
+    flat = _flat(params)
+    p_float = prepare_params(flat)
+    p_quant = dict(p_float)
+    ids, mask = tokenizer(sentences)
+    positions = jnp.asarray(np.flatnonzero(mask.reshape(-1)), jnp.int32)
+    ids, maskf = jnp.asarray(ids), jnp.asarray(mask, jnp.float32)
+    x_float = _embed_inputs(p_float, ids)
+    x_quant = x_float
+    out: dict[str, QuantizedArray] = {}
+
+    def quantize_group(i, g, xq, xf, weight):
+        names = [f"encoder.layer.{i}.{n}.weight" for n in _GROUPS[g]]
+        names = [n for n in names if n in settings]
+        if not names:
+            return
+        h, c = (np.asarray(a, np.float64) for a in _grams(xq, xf, weight, positions))
+        h = (h + h.T) / 2
+        for name in names:
+            k, codebook, scale_format = settings[name]
+            w = np.asarray(flat[name])
+            target = calibrate.corrected_target(w, h, c, strength=correction, damp=correction_damp)
+            q = calibrate.quantize_calibrated(
+                target.astype(w.dtype),
+                k,
+                hessian=h,
+                codebook=codebook,
+                scale_format=scale_format,
+                damp=damp,
+                scale_factors=factors,
+                refine=refine,
+            )
+            out[name] = q
+            p_quant[name] = q.dequantize(jnp.float32)
+            if progress is not None:
+                progress(name)
+
+    for i in range(NUM_LAYERS):
+        x_next, xf, wf = _float_layer(_layer_params(p_float, i), x_float, maskf)
+        quantize_group(i, 0, x_quant, xf[0], wf[0])
+        quantize_group(i, 1, x_quant, xf[1], wf[1])
+        ctx = _context(_layer_params(p_quant, i), x_quant, maskf)
+        quantize_group(i, 2, ctx, xf[2], wf[2])
+        x2 = _after_attention_jit(_layer_params(p_quant, i), x_quant, ctx)
+        quantize_group(i, 3, x2, xf[3], wf[3])
+        hid = _hidden_jit(_layer_params(p_quant, i), x2)
+        quantize_group(i, 4, hid, xf[4], wf[4])
+        x_quant = _after_ffn_jit(_layer_params(p_quant, i), x2, hid)
+        x_float = x_next
+    return out
