@@ -49,12 +49,11 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from jax_kbit import codebooks as _codebooks
+from jax_kbit.api import _check_codebook, _check_float_dtype, _check_k, _check_scale_format
 from jax_kbit.quantized_array import QuantizedArray
 from jax_kbit.reference import (
     BLOCK,
     SCALE_DTYPES,
-    SCALE_FORMATS,
     auto_tensor_scale_ref,
     decode_scales,
     encode_scales,
@@ -74,7 +73,17 @@ LAYOUTS: tuple[str, ...] = ("out_in", "in_out")
 
 #: Candidate block scales, as multiples of the block's absmax (each rounded to the scale format). The first,
 #: 1.0, is the scale ``quantize`` uses; ties between candidates go to the earliest in this list.
-DEFAULT_SCALE_FACTORS: tuple[float, ...] = (1.0, 0.96875, 0.9375, 0.90625, 0.875, 0.84375, 0.8125, 0.78125, 0.75)
+DEFAULT_SCALE_FACTORS: tuple[float, ...] = (
+    1.0,
+    0.96875,
+    0.9375,
+    0.90625,
+    0.875,
+    0.84375,
+    0.8125,
+    0.78125,
+    0.75,
+)
 #: Damping added to the normalised Hessian's diagonal (``H / mean(diag H) + damp * I``).
 DEFAULT_DAMP = 0.03
 #: Coordinate-descent sweeps after the error-feedback pass.
@@ -166,8 +175,10 @@ def _lower_inverse(r: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _Prepared:
-    """A damped, normalised Hessian ``hd = H / mean(diag H) + damp * I`` and ``U`` with ``U^T U = hd^-1``."""
+    """The normalised Hessian ``hn = H / mean(diag H)``, the damped ``hd = hn + damp * I`` and ``U`` with
+    ``U^T U = hd^-1``."""
 
+    hn: np.ndarray
     hd: np.ndarray
     u: np.ndarray
 
@@ -187,7 +198,7 @@ def _prepare(h: np.ndarray, damp: float) -> _Prepared:
         except np.linalg.LinAlgError:
             lam *= 10
             continue
-        return _Prepared(hd, np.ascontiguousarray(_lower_inverse(r)[::-1, ::-1]))
+        return _Prepared(hn, hd, np.ascontiguousarray(_lower_inverse(r)[::-1, ::-1]))
     raise ValueError("hessian is too ill-conditioned even with damping")  # pragma: no cover
 
 
@@ -322,12 +333,11 @@ def _pack(codes: np.ndarray, k: int) -> np.ndarray:
     return (bits << np.arange(BLOCK, dtype=np.uint32)).sum(axis=-1, dtype=np.uint64).astype(np.uint32)
 
 
-def _check_common(w: Any, k: Any, layout: Any, codebook: Any, scale_format: Any, scale_factors: Any, refine: Any):
-    from jax_kbit.api import _check_float_dtype, _check_k  # the same messages as quantize
-
+def _check_common(
+    w: Any, k: Any, layout: Any, codebook: Any, scale_format: Any, scale_factors: Any, refine: Any
+):
     k = _check_k(k)
-    if scale_format not in SCALE_FORMATS:
-        raise ValueError(f"scale_format must be one of {SCALE_FORMATS}, got {scale_format!r}")
+    _check_scale_format(scale_format)
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if not hasattr(w, "dtype") or not hasattr(w, "shape"):
@@ -346,21 +356,14 @@ def _check_common(w: Any, k: Any, layout: Any, codebook: Any, scale_format: Any,
         except (TypeError, ValueError) as err:
             raise TypeError(f"scale_factors must be a sequence of floats, got {scale_factors!r}") from err
         if factors.size == 0 or not (np.isfinite(factors).all() and (factors > 0).all()):
-            raise ValueError(f"scale_factors must be a non-empty sequence of positive floats, got {scale_factors!r}")
-    if isinstance(refine, bool) or not isinstance(refine, (int, np.integer)) or refine < 0:
-        raise ValueError(f"refine must be a non-negative int (coordinate-descent sweeps), got {refine!r}")
-    if codebook is None:
-        cb = np.asarray(_codebooks.default(k), np.float32)
-    else:
-        if not hasattr(codebook, "dtype") or not hasattr(codebook, "shape"):
-            raise TypeError(f"codebook must be a float32 array of {2**k} entries, got {type(codebook).__name__}")
-        cb = np.asarray(codebook)
-        if cb.dtype != np.float32:
-            raise TypeError(f"codebook must be float32, got {cb.dtype.name} (convert it explicitly)")
-        if cb.shape != (2**k,):
-            raise ValueError(f"codebook must have shape ({2**k},) for k={k}, got {cb.shape}")
-        if not np.isfinite(cb).all():
-            raise ValueError("codebook entries must be finite")
+            raise ValueError(
+                f"scale_factors must be a non-empty sequence of positive floats, got {scale_factors!r}"
+            )
+    if isinstance(refine, bool) or not isinstance(refine, (int, np.integer)):
+        raise TypeError(f"refine must be an int (coordinate-descent sweeps), got {type(refine).__name__}")
+    if refine < 0:
+        raise ValueError(f"refine must be >= 0 (coordinate-descent sweeps), got {refine}")
+    cb = np.asarray(_check_codebook(codebook, k), np.float32)
     return k, dtype, w64, factors, cb, int(refine)
 
 
@@ -414,7 +417,9 @@ def quantize_calibrated(
     if inputs is not None:
         x = _float_array(inputs, "inputs")
         if x.ndim < 1 or x.shape[-1] != n:
-            raise ValueError(f"inputs must have last axis {n} (the weight's reduction axis), got shape {x.shape}")
+            raise ValueError(
+                f"inputs must have last axis {n} (the weight's reduction axis), got shape {x.shape}"
+            )
         h = _hessian(x)
     elif hessian is not None:
         h = _check_hessian(hessian, n)
@@ -425,6 +430,41 @@ def quantize_calibrated(
 
 
 _hessian = hessian  # quantize_calibrated's `hessian` argument shadows the function
+
+
+def _rtn(wp: np.ndarray, grid: _Grid, along_in: bool, real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every block on its own (the identity Hessian): the scale search of ``grid`` and nearest codes.
+
+    ``wp`` is the padded ``[rows, n]`` weight. Returns the sorted-codebook positions ``[rows, n]`` and the
+    stored scales (``[rows, nb]`` with blocks along ``n``, ``[nb, n]`` with blocks along ``rows``).
+    """
+    rows, n = wp.shape
+    nb = real.shape[0]
+    bl = wp.reshape(-1, BLOCK) if along_in else wp.T.reshape(-1, BLOCK)
+    step = nb * max(1, 2**16 // (nb * len(grid.factors)))  # bounds the [factors, blocks, 32] temporaries
+    pos_b = np.empty(bl.shape, np.int64)
+    st_b = np.empty(bl.shape[0], SCALE_DTYPES[grid.fmt])
+    for r0 in range(0, bl.shape[0], step):
+        chunk = bl[r0 : r0 + step]
+        weight = np.tile(real, (len(chunk) // nb, 1))  # block i of a row is the row's (i % nb)-th
+        st, s = _pick_scales(grid, chunk, weight)
+        st_b[r0 : r0 + step] = st
+        pos_b[r0 : r0 + step] = grid.nearest(chunk, s[:, None])[0]
+    if along_in:
+        return pos_b.reshape(rows, n), st_b.reshape(rows, nb)
+    return pos_b.reshape(n, rows).T, st_b.reshape(n, nb).T
+
+
+def _decoded(grid: _Grid, pos: np.ndarray, stored: np.ndarray, along_in: bool) -> np.ndarray:
+    """The values format v1 decodes (float64 ``[rows, n]``) from sorted positions and stored scales."""
+    s = decode_scales(stored, grid.t, grid.fmt)
+    s = np.repeat(s, BLOCK, axis=1) if along_in else np.repeat(s, BLOCK, axis=0)
+    return (grid.sorted32[pos] * s.astype(np.float32)).astype(np.float64)
+
+
+def _row_objective(err: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """``e_r^T h e_r`` for every row ``e_r`` of ``err`` ``[rows, n]``."""
+    return np.einsum("rn,rn->r", err @ h, err)
 
 
 def _quantize(
@@ -456,31 +496,30 @@ def _quantize(
     if wp.size == 0:
         pos = np.zeros(wp.shape, np.int64)
         stored = np.zeros((rows, nb) if along_in else (nb, n), SCALE_DTYPES[scale_format])
-    elif prep is None:  # identity Hessian: no feedback, every block on its own (in chunks of rows)
-        bl = wp.reshape(-1, BLOCK) if along_in else wp.T.reshape(-1, BLOCK)
-        step = nb * max(1, 2**16 // (nb * len(factors)))
-        pos_b = np.empty(bl.shape, np.int64)
-        st_b = np.empty(bl.shape[0], SCALE_DTYPES[scale_format])
-        for r0 in range(0, bl.shape[0], step):
-            chunk = bl[r0 : r0 + step]
-            weight = np.tile(real, (len(chunk) // nb, 1))  # block i of a row is the row's (i % nb)-th
-            st, s = _pick_scales(grid, chunk, weight)
-            st_b[r0 : r0 + step] = st
-            pos_b[r0 : r0 + step] = grid.nearest(bl[r0 : r0 + step], s[:, None])[0]
-        if along_in:
-            pos, stored = pos_b.reshape(wp.shape), st_b.reshape(rows, nb)
-        else:
-            pos, stored = pos_b.reshape(n, -1).T, st_b.reshape(n, nb).T
+    elif prep is None:
+        pos, stored = _rtn(wp, grid, along_in, real)
     else:
-        u, hd = prep.u, prep.hd
-        if along_in and wp.shape[1] != n:
-            u = np.eye(wp.shape[1])
-            u[:n, :n] = prep.u
-            hd = np.eye(wp.shape[1])
-            hd[:n, :n] = prep.hd
+        u, hd, hn = prep.u, prep.hd, prep.hn
+        if along_in and wp.shape[1] != n:  # padding columns: independent, zero inputs
+            u, hd, hn = (_pad_eye(a, wp.shape[1]) for a in (u, hd, hn))
         pos, stored, vals, s_el = _gptq(wp, u, grid, along_in, real)
         _refine(wp.T, hd, grid, pos, vals, s_el, refine)
         pos = pos.T
+        # Damping, the scale search and the greedy passes optimise a proxy; keep round to nearest (absmax
+        # scales, what `quantize` does) wherever it is better on the undamped objective, so the result is
+        # never worse than it. Rows are independent with blocks along `in`; with blocks along `out`, groups
+        # of 32 rows share their blocks and are compared together.
+        plain = _Grid(cb, t, scale_format, np.ones(1))
+        pos0, stored0 = _rtn(wp, plain, along_in, real)
+        e1 = _row_objective(vals.T - wp, hn)
+        e0 = _row_objective(_decoded(plain, pos0, stored0, along_in) - wp, hn)
+        if along_in:
+            worse = e1 > e0
+            pos[worse], stored[worse] = pos0[worse], stored0[worse]
+        else:
+            worse = e1.reshape(nb, BLOCK).sum(axis=1) > e0.reshape(nb, BLOCK).sum(axis=1)
+            rw = np.repeat(worse, BLOCK)
+            pos[rw], stored[worse] = pos0[rw], stored0[worse]
     codes = grid.order[pos]
     if along_in:
         codes[:, n:] = grid.order[grid.zero_pos]
@@ -499,6 +538,13 @@ def _quantize(
         dtype=dtype,
         scale_format=scale_format,
     )
+
+
+def _pad_eye(a: np.ndarray, m: int) -> np.ndarray:
+    """``a`` in the top-left corner of an ``m x m`` identity."""
+    out = np.eye(m)
+    out[: a.shape[0], : a.shape[1]] = a
+    return out
 
 
 def corrected_target(

