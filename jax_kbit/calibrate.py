@@ -87,7 +87,7 @@ DEFAULT_SCALE_FACTORS: tuple[float, ...] = (
 #: Damping added to the normalised Hessian's diagonal (``H / mean(diag H) + damp * I``).
 DEFAULT_DAMP = 0.03
 #: Coordinate-descent sweeps after the error-feedback pass.
-DEFAULT_REFINE = 2
+DEFAULT_REFINE = 4
 
 
 # ---------------------------------------------------------------- Hessians

@@ -169,6 +169,8 @@ def test_compress_bad_inputs(tmp_path, capsys, model_file):
     assert code == 2 and "does not exist" in err
     code, _, err = run(capsys, "compress", str(path), "--out", str(path), "--force")
     assert code == 2 and "is the input file" in err
+    code, _, err = run(capsys, "compress", str(path), "--calibrate", "--out", str(tmp_path / "c.safetensors"))
+    assert code == 2 and "--calibrate is only available for all-MiniLM-L6-v2" in err
     # An already-quantized checkpoint is refused.
     done = tmp_path / "done.safetensors"
     assert run(capsys, "compress", str(path), "--out", str(done), "--no-progress")[0] == 0

@@ -4,6 +4,10 @@ Written for this package: short and long, questions, instructions, news, technic
 subjects. They are only used to measure which inputs each weight matrix sees (``jax_kbit.calibrate``), and
 they are disjoint from ``jax_kbit.models.minilm.SENTENCES``, the 16 sentences the embedding check evaluates
 (a test checks that no sentence appears in both).
+
+``DEV_SENTENCES`` is a third, disjoint set: the held-out sentences on which the calibration's
+hyperparameters were chosen (docs/COMPRESS.md reports the cosines on both), so that ``SENTENCES`` stays an
+evaluation set nothing was tuned on.
 """
 
 from __future__ import annotations
@@ -638,4 +642,49 @@ CALIBRATION_SENTENCES: tuple[str, ...] = (
     "The novel is set in a small fishing village in the north.",
     "The writer spent ten years researching her book about the war.",
     "The film festival takes place every May on the coast.",
+)
+
+
+#: Held-out sentences for choosing calibration hyperparameters (neither calibrated on nor evaluated on).
+DEV_SENTENCES: tuple[str, ...] = (
+    "The violinist tuned her instrument before the concert began.",
+    "A crowd gathered to hear the jazz quartet play in the square.",
+    "My dog loves chasing squirrels in the backyard.",
+    "The parrot repeated every word the children said.",
+    "Mortgage payments went up after the bank changed its lending policy.",
+    "Investors worried that prices would keep climbing next year.",
+    "I cannot log into my email because the code never arrives.",
+    "The app asks me to verify my identity every time I open it.",
+    "Knead the dough for ten minutes until it becomes elastic.",
+    "She baked a lemon cake for her sister's birthday.",
+    "The hurricane knocked out power lines along the coast.",
+    "A landslide blocked the only road into the mountain village.",
+    "The tennis final lasted almost five hours.",
+    "Fans cheered as the striker scored in the opening minute.",
+    "Backpropagation computes the gradient of the loss for every weight.",
+    "Overfitting happens when a model memorises its training data.",
+    "The astronauts returned safely after six months in orbit.",
+    "Our garden is full of roses and lavender this summer.",
+    "The museum guide explained the history of the ancient coins.",
+    "He missed the bus and had to walk to school in the rain.",
+    "The new smartphone has a larger screen and a faster processor.",
+    "Doctors recommend at least thirty minutes of exercise a day.",
+    "The senator announced she would not run for re-election.",
+    "Prices at the supermarket have risen noticeably this month.",
+    "The toddler fell asleep in the back seat of the car.",
+    "Scientists discovered a new species of frog in the rainforest.",
+    "The printer is out of ink again.",
+    "Where can I buy tickets for tonight's show?",
+    "The bakery on the corner sells the best croissants in town.",
+    "A heatwave is expected to hit the south of the country this weekend.",
+    "The programmer fixed the memory leak in the image decoder.",
+    "Our wedding photos finally arrived from the photographer.",
+    "Volunteers planted a thousand trees along the river bank.",
+    "The meeting was postponed because the manager was ill.",
+    "Chess players must think several moves ahead.",
+    "The recipe needs three eggs, sugar and a cup of milk.",
+    "Astronomers observed a comet passing close to the sun.",
+    "He spilled coffee all over his keyboard this morning.",
+    "The kids are building sandcastles on the beach.",
+    "Trade talks between the two countries collapsed on Tuesday.",
 )
