@@ -164,8 +164,9 @@ def test_calibration_sentences_are_disjoint_from_the_evaluation_and_dev_sets():
     assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
 
 
+@pytest.mark.slow  # one calibration: about a minute on 2 cores
 def test_calibrated_k3_reaches_097(weights, reference, tokenizer):
-    """Issue 4's K=3 target, reached with calibration (one calibration: about a minute on 2 cores)."""
+    """Issue 4's K=3 target, reached with calibration."""
     plain = jk.quantize_params(weights, 3)
     q = minilm.quantize_calibrated_params(weights, plain, tokenizer=tokenizer)
     assert sorted(n for n in q if q[n] is not plain[n]) == sorted(minilm.CALIBRATED_MATRICES)
@@ -178,6 +179,7 @@ def test_calibrated_k3_reaches_097(weights, reference, tokenizer):
     assert cmp["cosine_mean"] >= 0.97 and cmp["nn_same"]
 
 
+@pytest.mark.slow  # one calibration: about a minute on 2 cores
 def test_cli_compresses_bundled_minilm(tmp_path, capsys):
     """The default: K=4, calibrated (issue 4's K=4 target), then the same without calibration."""
     from jax_kbit.cli import main
@@ -204,4 +206,4 @@ def test_cli_compresses_bundled_minilm(tmp_path, capsys):
     assert summary["quantized_bits_per_element"] == pytest.approx(4.25, abs=0.01)
     assert summary["sqnr_db_pooled"] >= 21.5
     assert 0.97 <= summary["embeddings"]["cosine_mean"] < 0.98  # measured 0.9736
-    assert out2.stat().st_size == out.stat().st_size
+    assert out2.stat().st_size == pytest.approx(out.stat().st_size, abs=100)  # metadata differs
