@@ -16,6 +16,9 @@ Hessian ``H = X^T X``):
 3. **Refinement**: a few sweeps of coordinate descent on the same quadratic objective
    ``(q - w)^T H (q - w)`` (per output row), each code moved to the entry nearest its optimum given all the
    others; a sweep never increases the objective.
+4. **Never worse than round to nearest**: damping, the scale search and the greedy passes optimise a proxy, so
+   every output row (with blocks along ``out``: every group of 32 rows, which share blocks) whose undamped
+   objective is worse than plain round to nearest's (absmax scales, nearest codes) gets those instead.
 
 Codes are always the nearest entries for the **decoded** scale ``s`` and the error is computed with the value
 format v1 decodes, ``fl32(C[code] * s)``. The result is an ordinary ``QuantizedArray``: format v1 unchanged,
@@ -404,8 +407,16 @@ def quantize_calibrated(
       refine: coordinate-descent sweeps after the error-feedback pass (0 for plain GPTQ).
 
     Returns:
-      A ``QuantizedArray`` of ``w``'s shape and dtype (valid format v1). Its tensor scale is the automatic one
-      for ``2 * max|w|``, which leaves room for weights that error feedback makes larger than ``max|w|``.
+      A ``QuantizedArray`` of ``w``'s shape and dtype (valid format v1), whose output error on ``H`` is no
+      larger than round to nearest's, row by row. Its tensor scale is the automatic one for ``2 * max|w|``,
+      which leaves room for weights that error feedback makes larger than ``max|w|``.
+
+    Raises:
+      TypeError: ``w``, ``inputs``, ``hessian`` or ``codebook`` is not a float array of the accepted dtypes,
+        or ``k``, ``damp``, ``refine``, ``scale_factors`` has the wrong type.
+      ValueError: a shape does not match (``w`` not a matrix, ``hessian`` not ``[n, n]`` for the reduction
+        axis, ``inputs``' last axis not ``n``), ``hessian`` not symmetric / finite / PSD on its diagonal,
+        non-finite ``w``, both ``inputs`` and ``hessian`` given, or a value out of range.
     """
     k, dtype, w64, factors, cb, refine = _check_common(
         w, k, layout, codebook, scale_format, scale_factors, refine
