@@ -1,7 +1,7 @@
 // CUDA dequantize handler for format v1. Values are looked up from the codebook held one entry per lane
-// with __shfl_sync. Rows of whole blocks take the vector kernel: each lane rebuilds 4 or 8 codes at once
-// from adjacent bits of every plane and writes them with one 16-byte store; other rows take one element
-// per lane.
+// with __shfl_sync. Rows of whole blocks take the vector kernel (32 blocks per warp step; each lane rebuilds
+// 4 or 8 codes at once from adjacent bits of every plane and writes them with one 16-byte store); other
+// rows take one element per lane.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -182,10 +182,7 @@ void launch_dequantize(cudaStream_t stream, const Layout& L, const uint32_t* pac
   const int64_t bpg = L.rows_per_group * L.nb;
   auto* o = static_cast<Storage*>(out);
   if (L.d % kBlock == 0 && reinterpret_cast<uintptr_t>(out) % kVectorAlign == 0 &&
-      reinterpret_cast<uintptr_t>(packed) % (K == 4   ? 16
-                                             : K == 2 ? 8
-                                                      : 4) ==
-          0) {
+      reinterpret_cast<uintptr_t>(packed) % kWordsAlign<K> == 0) {
     static const int per_sm = resident_ctas(dequantize_vec_kernel<Out, K>);
     const dim3 grid = grid_for((bpg + kBlock - 1) / kBlock, L.groups, per_sm);
     dequantize_vec_kernel<Out, K>

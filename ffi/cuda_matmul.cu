@@ -84,7 +84,6 @@ __device__ __forceinline__ void build_pair_table(const float* __restrict__ codeb
 #pragma unroll
       for (int r = 0; r < 8; ++r) smem[i * 8 + r] = make_uint4(v, v, v, v);
     }
-    __syncthreads();
   }
 }
 
@@ -304,8 +303,8 @@ __global__ void __launch_bounds__(kMmThreads, min_ctas<K, MT>())
   const float t = tensor_scale[0];
   float* scale_table = reinterpret_cast<float*>(reinterpret_cast<char*>(smem) + table_bytes<K>());
   build_scale_table(fmt, t, scale_table);
-  build_pair_table<kBf16, K>(codebook, smem);  // ends with __syncthreads()
-  if constexpr (K > 4) __syncthreads();
+  build_pair_table<kBf16, K>(codebook, smem);
+  __syncthreads();
   const uint32_t* table = reinterpret_cast<const uint32_t*>(smem) + lane;  // this lane's copy of entry 0
   for (int64_t item = static_cast<int64_t>(blockIdx.x) * kMmWarps + (threadIdx.x >> 5); item < tiles * splits;
        item += static_cast<int64_t>(gridDim.x) * kMmWarps) {

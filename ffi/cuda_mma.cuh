@@ -1,5 +1,5 @@
 // Device helpers shared by the fused matmul kernels (cuda_matmul.cu, cuda_matmul_t.cu): the tensor-core
-// instruction, 16-bit conversion and the load of one block's K bit-plane words.
+// instruction, 16-bit conversion and the load of one block's K bit-plane words (also used by dequantize).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -39,6 +39,12 @@ __device__ __forceinline__ uint16_t to_16(float v) {
     return __half_as_ushort(__float2half_rn(v));
   }
 }
+
+// The alignment load_words needs of p: one 16-byte load at K = 4, one 8-byte load at K = 2, words otherwise.
+template <int K>
+constexpr uintptr_t kWordsAlign = K == 4   ? 16
+                                  : K == 2 ? 8
+                                           : 4;
 
 template <int K>
 __device__ __forceinline__ void load_words(const uint32_t* __restrict__ p, uint32_t (&w)[K]) {

@@ -60,6 +60,7 @@ from jax_kbit.reference import (
     auto_tensor_scale_ref,
     decode_scales,
     encode_scales,
+    pack_codes,
 )
 
 __all__ = [
@@ -329,13 +330,6 @@ def _refine(wt: np.ndarray, hd: np.ndarray, grid: _Grid, pos, vals, s_el, sweeps
                 g += hd[:, c0:c1] @ dq
 
 
-def _pack(codes: np.ndarray, k: int) -> np.ndarray:
-    """codes ``[..., nb, 32]`` -> packed uint32 ``[..., nb, k]`` (bit planes, docs/FORMAT.md section 8)."""
-    codes = codes.astype(np.uint32)
-    bits = (codes[..., None, :] >> np.arange(k, dtype=np.uint32)[:, None]) & np.uint32(1)
-    return (bits << np.arange(BLOCK, dtype=np.uint32)).sum(axis=-1, dtype=np.uint64).astype(np.uint32)
-
-
 def _check_common(
     w: Any, k: Any, layout: Any, codebook: Any, scale_format: Any, scale_factors: Any, refine: Any
 ):
@@ -540,7 +534,7 @@ def _quantize(
         codes = codes.T.reshape(n, nb, BLOCK)
         stored = stored.T
     return QuantizedArray(
-        jnp.asarray(_pack(codes, k)),
+        jnp.asarray(pack_codes(codes, k)),
         jnp.asarray(np.ascontiguousarray(stored)),
         jnp.asarray(cb),
         jnp.asarray(np.float32(t)),

@@ -117,9 +117,14 @@ def quantize_ref(
         xn = np.where(s == 0, np.float32(0), v / np.where(s == 0, np.float32(1), s)).astype(np.float32)
     codes = nearest_codes(xn, codebook)
     codes = np.where(nonfinite[..., None], np.uint32(0), codes)
+    return pack_codes(codes, k), stored, t
+
+
+def pack_codes(codes: np.ndarray, k: int) -> np.ndarray:
+    """codes [..., nb, 32] -> packed uint32 [..., nb, k]: bit i of word j of a block is bit j of code i."""
+    codes = np.asarray(codes).astype(np.uint32)
     bits = (codes[..., None, :] >> np.arange(k, dtype=np.uint32)[:, None]) & np.uint32(1)  # [..., nb, k, 32]
-    packed = (bits << np.arange(BLOCK, dtype=np.uint32)).sum(axis=-1, dtype=np.uint64).astype(np.uint32)
-    return packed, stored, t
+    return (bits << np.arange(BLOCK, dtype=np.uint32)).sum(axis=-1, dtype=np.uint64).astype(np.uint32)
 
 
 def unpack_codes(packed: np.ndarray, k: int) -> np.ndarray:

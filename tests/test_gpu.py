@@ -53,6 +53,16 @@ def roundtrip(device, x, k, fmt, out_dtype, codebook=None, tensor_scale="auto"):
     return jax.device_get(q), np.asarray(y)
 
 
+def gpu_equals_cpu(x, k, fmt, out_dtype):
+    """Round trip on the GPU and on the CPU, the same bits both ways; returns the GPU's (q, y)."""
+    qg, yg = roundtrip(GPU, x, k, fmt, out_dtype)
+    qc, yc = roundtrip(CPU, x, k, fmt, out_dtype)
+    bits_equal(qg.packed, qc.packed)
+    bits_equal(qg.scales, qc.scales)
+    bits_equal(yg, yc)
+    return qg, yg
+
+
 def adversarial(rng, shape, dtype):
     x = rng.standard_normal(shape).astype(np.float32)
     flat = x.reshape(-1)
@@ -78,11 +88,7 @@ def test_cuda_equals_cpu_and_reference(k, dtype, fmt, shape):
     x = adversarial(rng, shape, dtype)
     cb = jk.codebooks.default(k)
     for out_dtype in DTYPES:
-        qg, yg = roundtrip(GPU, x, k, fmt, out_dtype)
-        qc, yc = roundtrip(CPU, x, k, fmt, out_dtype)
-        bits_equal(qg.packed, qc.packed)
-        bits_equal(qg.scales, qc.scales)
-        bits_equal(yg, yc)
+        qg, yg = gpu_equals_cpu(x, k, fmt, out_dtype)
     packed, scales, t = ref.quantize_ref(x, k, cb, fmt)
     bits_equal(qg.packed, packed)
     bits_equal(qg.scales, scales)
@@ -115,11 +121,7 @@ def test_sizes_against_cpu(log2n):
     shape = (n // 1024, 1024) if n % 1024 == 0 else (n,)
     x = x.reshape(shape)
     for k in (3, 5):
-        qg, yg = roundtrip(GPU, x, k, "e4m4", ml_dtypes.bfloat16)
-        qc, yc = roundtrip(CPU, x, k, "e4m4", ml_dtypes.bfloat16)
-        bits_equal(qg.packed, qc.packed)
-        bits_equal(qg.scales, qc.scales)
-        bits_equal(yg, yc)
+        gpu_equals_cpu(x, k, "e4m4", ml_dtypes.bfloat16)
 
 
 @pytest.mark.parametrize("k", [2, 3, 4, 5])
@@ -131,11 +133,7 @@ def test_whole_block_rows_against_cpu(k, fmt):
     for shape in [(37, 4128), (2**21 // 96, 96)]:
         x = adversarial(rng, shape, np.float32)
         for out_dtype in DTYPES:
-            qg, yg = roundtrip(GPU, x, k, fmt, out_dtype)
-            qc, yc = roundtrip(CPU, x, k, fmt, out_dtype)
-            bits_equal(qg.packed, qc.packed)
-            bits_equal(qg.scales, qc.scales)
-            bits_equal(yg, yc)
+            gpu_equals_cpu(x, k, fmt, out_dtype)
 
 
 def test_more_than_2_to_31_elements():
