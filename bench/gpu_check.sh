@@ -78,7 +78,7 @@ for s in $steps; do
         python3 "$repo/bench/profile_quantize.py" >"$OUT/ncu.txt" 2>&1
       echo "ncu: rc=$? ($(grep -c 'Duration' "$OUT/ncu.txt") kernels profiled)" ;;
     ncu_matmul)  # every section, with source-level stall counters, of the M = 1 fused matmul kernel
-      ncu --clock-control none --kernel-name regex:'matmul_kernel' --launch-skip 1 --launch-count 1 --set full \
+      ncu --clock-control none --kernel-name regex:'matmul_kernel|gemv_kernel' --launch-skip 1 --launch-count 1 --set full \
         --import-source no python3 "$repo/bench/profile_matmul.py" >"$OUT/ncu_matmul.txt" 2>&1
       echo "ncu_matmul: rc=$? ($(grep -c 'Duration' "$OUT/ncu_matmul.txt") kernels profiled)" ;;
     sass)  # instruction mix of the kernels as built (cuobjdump is on the GPU machine, not here)

@@ -14,6 +14,7 @@
 // (deterministic, no atomics).
 #include "cuda_common.cuh"
 #include "cuda_handlers.h"
+#include "cuda_gemv.h"
 #include "cuda_mma.cuh"
 
 namespace ffi = xla::ffi;
@@ -313,42 +314,9 @@ __global__ void __launch_bounds__(kMmThreads, min_ctas<K, MT>())
   }
 }
 
-struct Args {
-  ScaleFormat fmt;
-  const uint32_t* packed;
-  const void* scales;
-  const float* codebook;
-  const float* tensor_scale;
-  const uint16_t* x;
-  int64_t m, n, nb;
-  uint16_t* out;
-};
-
-// How many parts the reduction is split into: each warp works through its items one chunk of blocks after
-// another, each chunk a memory round trip, so the time goes as (rounds of items over the resident warps) x
-// (chunks per item). The split count minimising that (the fewest splits among equals) keeps every resident
-// warp busy without a nearly empty last round; parts of at least two chunks, whole chunks each.
-struct Split {
-  int64_t splits, per_split;
-};
-
-inline Split choose_split(int64_t nb, int64_t tiles, int64_t resident_warps) {
-  const int64_t max_splits = std::max<int64_t>(1, nb / (2 * kChunk));
-  Split best{1, nb};
-  int64_t best_cost = -1;
-  for (int64_t s = 1; s <= max_splits; ++s) {
-    const int64_t per = ((nb + s - 1) / s + kChunk - 1) / kChunk * kChunk;
-    const int64_t used = (nb + per - 1) / per;  // no empty splits
-    const int64_t rounds = (tiles * used + resident_warps - 1) / resident_warps;
-    const int64_t cost = rounds * (per / kChunk);
-    if (best_cost < 0 || cost < best_cost) best = {used, per}, best_cost = cost;
-  }
-  return best;
-}
-
 // Persistent CTAs, as many as fit on the GPU at once.
 template <bool kBf16, int K, int MT>
-ffi::Error run_matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, const Args& a) {
+ffi::Error run_matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, const MatmulArgs& a) {
   auto* kernel = matmul_kernel<kBf16, K, MT>;
   constexpr int smem = smem_bytes<K>();
   int per_sm = 0;
@@ -359,7 +327,7 @@ ffi::Error run_matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, const
   const int64_t sms = sm_count() > 0 ? sm_count() : 132;
   const int64_t resident_warps = sms * per_sm * kMmWarps;
   const int64_t tiles = (a.n + 15) / 16;
-  const auto [splits, per_split] = choose_split(a.nb, tiles, resident_warps);
+  const auto [splits, per_split] = choose_split(a.nb, tiles, resident_warps, kChunk);
   float* partial = nullptr;
   if (splits > 1) {
     const auto mem = scratch.Allocate(static_cast<size_t>(splits * a.m * a.n) * sizeof(float));
@@ -405,7 +373,7 @@ ffi::Error MatmulImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::A
     }
     return ffi::Error::Success();
   }
-  const Args a{L.format,
+  const MatmulArgs a{L.format,
                packed.typed_data(),
                scales.untyped_data(),
                codebook.typed_data(),
@@ -416,6 +384,7 @@ ffi::Error MatmulImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::A
                L.nb,
                o};
   const bool bf16 = x.element_type() == ffi::DataType::BF16;
+  if (gemv_supported(L.k, L.m)) return run_gemv(stream, scratch, a, bf16, L.k);
   ffi::Error result = ffi::Error::Success();
   with_k(L.k, [&](auto kc) {
     constexpr int K = decltype(kc)::value;

@@ -80,6 +80,41 @@ void with_dtype_and_row_tiles(bool bf16, int64_t m, const Fn& fn) {
   }
 }
 
+// The fused matmul's buffers (cuda_matmul.cu, cuda_gemv.cu): y [m, n] = x [m, nb * 32] @ W, with W^T in
+// format v1 ([n, nb, k] words, [n, nb] scales).
+struct MatmulArgs {
+  ScaleFormat fmt;
+  const uint32_t* packed;
+  const void* scales;
+  const float* codebook;
+  const float* tensor_scale;
+  const uint16_t* x;
+  int64_t m, n, nb;
+  uint16_t* out;
+};
+
+// How many parts the reduction is split into: each warp works through its items one chunk of `chunk` blocks
+// after another, each chunk a memory round trip, so the time goes as (rounds of items over the resident
+// warps) x (chunks per item). The split count minimising that (the fewest splits among equals) keeps every
+// resident warp busy without a nearly empty last round; parts of at least two chunks, whole chunks each.
+struct Split {
+  int64_t splits, per_split;
+};
+
+inline Split choose_split(int64_t nb, int64_t tiles, int64_t resident_warps, int64_t chunk) {
+  const int64_t max_splits = std::max<int64_t>(1, nb / (2 * chunk));
+  Split best{1, nb};
+  int64_t best_cost = -1;
+  for (int64_t s = 1; s <= max_splits; ++s) {
+    const int64_t per = ((nb + s - 1) / s + chunk - 1) / chunk * chunk;
+    const int64_t used = (nb + per - 1) / per;  // no empty splits
+    const int64_t rounds = (tiles * used + resident_warps - 1) / resident_warps;
+    const int64_t cost = rounds * (per / chunk);
+    if (best_cost < 0 || cost < best_cost) best = {used, per}, best_cost = cost;
+  }
+  return best;
+}
+
 // out[i] = the sum of partial[p * count + i] over p = 0..splits-1, in that order (deterministic).
 template <bool kBf16>
 __global__ void __launch_bounds__(kThreads)

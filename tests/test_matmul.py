@@ -352,6 +352,37 @@ def test_gpu_scale_formats_large_and_deterministic(rng, scale_format):
         np.testing.assert_array_equal(y.view(np.uint16), again.view(np.uint16))  # no atomics: same bits
 
 
+@pytest.mark.parametrize("scale_format", SCALE_FORMATS)
+@pytest.mark.parametrize("m", (1, 2))
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU is None or not jk.cuda_built(), reason="needs a CUDA GPU and the CUDA build")
+def test_gpu_decode_kernel(rng, m, scale_format):
+    # One or two rows at K <= 4 take the block-diagonal kernel (ffi/cuda_gemv.cu): four blocks per step, so
+    # sizes around multiples of 4 blocks (a lone partial step, one step plus a tail), a partial tile of 16
+    # rows, split reductions, non-finite blocks and inputs, and the same bits on a second call.
+    shapes = ((32, 1), (96, 40), (160, 17), (256, 16), (4000, 50), (8192, 64), (1000, 300))
+    for k in (2, 3, 4):
+        for dtype in (np.float16, BF16):
+            for din, dout in shapes:
+                x, q = make(rng, m, din, dout, k, dtype, scale_format)
+                y = check(x, q, GPU, f"k={k} m={m} in={din} out={dout} {scale_format} {rng}")
+                again = np.asarray(jax.jit(jk.matmul)(jax.device_put(x, GPU), jax.device_put(q, GPU)))
+                np.testing.assert_array_equal(y.view(np.uint16), again.view(np.uint16))
+        din, dout = 200, 20
+        w = rng.standard_normal((din, dout)).astype(np.float32)
+        w[3, 2] = np.nan  # block 0 of output 2
+        w[170, 5] = np.inf  # block 5 (a tail step) of output 5
+        q = jk.quantize_matrix(jnp.asarray(w), k, scale_format=scale_format)
+        x = rng.standard_normal((m, din)).astype(np.float32)
+        x[m - 1, 100] = np.nan
+        for dtype in (np.float16, BF16):
+            y = np.asarray(jax.jit(jk.matmul)(jax.device_put(x.astype(dtype), GPU), q)).astype(np.float32)
+            expect = np.zeros((m, dout), bool)
+            expect[:, [2, 5]] = True
+            expect[m - 1, :] = True
+            np.testing.assert_array_equal(np.isnan(y), expect, err_msg=f"k={k} m={m} {dtype}")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(GPU is None or not jk.cuda_built(), reason="needs a CUDA GPU and the CUDA build")
 def test_gpu_transforms_and_grad(rng):

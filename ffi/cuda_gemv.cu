@@ -1,0 +1,309 @@
+// The fused matmul for one or two rows of x at K <= 4 (decode): y = x @ W on the tensor cores with a block-
+// diagonal x operand, so that each lane works on whole blocks of W.
+//
+// In cuda_matmul.cu the 16 k-columns of an mma.sync m16n8k16 are 16 elements of one block, so the four
+// lanes of a row quad share every block: each loads the block's K words, rebuilds its own quarter of the
+// indices and the quad rescales the partial sums after every two mmas. Here the four lane columns c = 0..3
+// take four different blocks (k-columns 2c, 2c + 1, 2c + 8, 2c + 9 of every mma come from block b + c),
+// and column n = 2c + m of the x operand holds x row m on the k-rows of block b + c and zeros elsewhere
+// (lanes off that diagonal read a zero buffer). Column n of the product is then the partial sum of block
+// b + c alone, for x row m, so eight mmas cover 16 rows x 4 blocks and each lane rescales its own block's
+// sums once. The rotations that gather pair indices from the bit planes are compile-time constants, and a
+// pair table lookup is one byte permute (which also adds the lane's bank offset) and one shared-memory load.
+#include "cuda_gemv.h"
+#include "cuda_mma.cuh"
+
+namespace kbit {
+namespace cuda {
+namespace {
+
+constexpr int kGvWarps = 24;  // one CTA per SM (80 registers a thread) sharing one copy of the tables
+constexpr int kGvThreads = kGvWarps * 32;
+constexpr int kStep = 4;             // blocks per warp step, one per lane column
+constexpr int kGvChunk = 2 * kStep;  // the unit of a split of the reduction
+// Shared memory: 256 rows of 256 bytes. Row e holds pair-table entry e in bytes [0, 128) and the decoded
+// e4m4 scale e in bytes [128, 256), each replicated once per lane so that lane l always reads bank l.
+constexpr int kRowBytes = 256;
+constexpr int kGvSmem = 256 * kRowBytes;
+
+__device__ uint4 g_zero_x[4];  // the x operand of lanes off the diagonal (64 zero bytes)
+
+template <bool kBf16, int K>
+__device__ __forceinline__ void build_gemv_tables(const float* __restrict__ codebook, ScaleFormat fmt, float t,
+                                                  uint4* smem) {
+  for (int e = threadIdx.x; e < 256; e += kGvThreads) {
+    uint32_t pv = 0;
+    if (e < (1 << (2 * K))) {
+      int c0 = 0, c1 = 0;
+#pragma unroll
+      for (int j = 0; j < K; ++j) {
+        c0 |= ((e >> (2 * j)) & 1) << j;
+        c1 |= ((e >> (2 * j + 1)) & 1) << j;
+      }
+      pv = to_16<kBf16>(codebook[c0]) | (static_cast<uint32_t>(to_16<kBf16>(codebook[c1])) << 16);
+    }
+    const uint32_t sv = fmt == ScaleFormat::kE4M4 ? f32_to_bits(decode_scale(fmt, e, t)) : 0u;
+    uint4* row = smem + e * (kRowBytes / 16);
+#pragma unroll
+    for (int u = 0; u < 16; ++u) {
+      const int v = (u + e) & 15;  // neighbouring threads store to different banks
+      const uint32_t w = v < 8 ? pv : sv;
+      row[v] = make_uint4(w, w, w, w);
+    }
+  }
+}
+
+// The 32-bit word at a byte offset of the tables.
+__device__ __forceinline__ uint32_t table_word(uint32_t offset) {
+  extern __shared__ uint4 gv_smem[];
+  return *reinterpret_cast<const uint32_t*>(reinterpret_cast<const char*>(gv_smem) + offset);
+}
+
+// Entry (byte q of p) of a table row, at the lane's bank: the permute builds (byte << 8) | lane_offset.
+__device__ __forceinline__ uint32_t row_lookup(uint32_t p, uint32_t lane_offset, int q) {
+  return table_word(__byte_perm(p, lane_offset, 0x5504 | (q << 4)));
+}
+
+// Byte q of the result indexes the pair of elements 8q + 2 c0, 8q + 2 c0 + 1 (bit 2j + r: bit j of element
+// r's code): plane j rotated right by 2 c0 - 2 j, for a constant c0.
+template <int K>
+__device__ __forceinline__ uint32_t pair_index_at(const uint32_t (&w)[K], int c0) {
+  uint32_t p = 0;
+#pragma unroll
+  for (int j = 0; j < K; ++j) p |= __funnelshift_r(w[j], w[j], (2 * c0 - 2 * j) & 31) & (0x03030303u << (2 * j));
+  return p;
+}
+
+// What one lane streams from memory for one step, loaded a step ahead: its block of rows r0 and r1 (K words
+// each) and the two stored scales. (x, 16 words of the block or zeros off the diagonal, is small and shared
+// by every warp, so it comes from the caches and is loaded when the step starts.)
+template <int K>
+struct StepData {
+  uint32_t w0[K], w1[K];
+  uint32_t s0, s1;
+};
+
+template <int K, bool kE4M4>
+__device__ __forceinline__ void load_step(StepData<K>& d, const uint32_t* w0, const uint32_t* w1,
+                                          ScaleFormat fmt, const void* scales, int64_t si0, int64_t si1) {
+  load_words<K>(w0, d.w0);
+  load_words<K>(w1, d.w1);
+  if constexpr (kE4M4) {
+    d.s0 = static_cast<const uint8_t*>(scales)[si0];
+    d.s1 = static_cast<const uint8_t*>(scales)[si1];
+  } else {
+    d.s0 = read_scale(fmt, scales, si0);
+    d.s1 = read_scale(fmt, scales, si1);
+  }
+}
+
+// The eight mmas of one step and the rescale of this lane's block sums into acc (row r0: acc[0] for x row 0,
+// acc[1] for x row 1; row r1: acc[2], acc[3]). `valid` is false for a block past the end of the split.
+template <bool kBf16, int K, int M, bool kE4M4>
+__device__ __forceinline__ void compute_step(const StepData<K>& d, const uint4* __restrict__ xp, bool valid,
+                                             ScaleFormat fmt, float t, uint32_t pair_offset,
+                                             uint32_t scale_offset, float (&acc)[4]) {
+  uint32_t xw[16];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint4 v = xp[i];
+    xw[4 * i] = v.x, xw[4 * i + 1] = v.y, xw[4 * i + 2] = v.z, xw[4 * i + 3] = v.w;
+  }
+  float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+  for (int c0 = 0; c0 < 4; ++c0) {
+    const uint32_t p0 = pair_index_at<K>(d.w0, c0);
+    const uint32_t p1 = pair_index_at<K>(d.w1, c0);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint32_t a[4];
+      a[0] = row_lookup(p0, pair_offset, 2 * h);      // row r0, elements 16h + 2c0 (+1)
+      a[1] = row_lookup(p1, pair_offset, 2 * h);      // row r1
+      a[2] = row_lookup(p0, pair_offset, 2 * h + 1);  // row r0, elements 16h + 8 + 2c0 (+1)
+      a[3] = row_lookup(p1, pair_offset, 2 * h + 1);  // row r1
+      mma_16816<kBf16>(part, a, xw[8 * h + c0], xw[8 * h + 4 + c0]);
+    }
+  }
+  float s0, s1;
+  if constexpr (kE4M4) {
+    s0 = __uint_as_float(row_lookup(d.s0, scale_offset, 0));
+    s1 = __uint_as_float(row_lookup(d.s1, scale_offset, 0));
+  } else {
+    s0 = decode_scale(fmt, d.s0, t);
+    s1 = decode_scale(fmt, d.s1, t);
+  }
+  if (!valid) s0 = s1 = 0.0f;  // its x columns are zero, but its scale may be NaN
+  acc[0] = __fmaf_rn(s0, part[0], acc[0]);
+  acc[2] = __fmaf_rn(s1, part[2], acc[2]);
+  if constexpr (M == 2) {
+    acc[1] = __fmaf_rn(s0, part[1], acc[1]);
+    acc[3] = __fmaf_rn(s1, part[3], acc[3]);
+  }
+}
+
+// One work item of one warp: output rows [16 tile, 16 tile + 16), blocks [begin, end) of split `split`.
+template <bool kBf16, int K, int M, bool kE4M4>
+__device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t tiles, int64_t splits,
+                                          int64_t per_split, float* __restrict__ partial, int64_t item,
+                                          int lane) {
+  const int g = lane >> 2;
+  const int c = lane & 3;
+  const int64_t tile = item % tiles;
+  const int64_t split = item / tiles;
+  const int64_t r0 = tile * 16 + g;
+  const int64_t r1 = r0 + 8;
+  // Rows past n read the last row: their sums are never stored.
+  const int64_t r0c = r0 < a.n ? r0 : a.n - 1;
+  const int64_t r1c = r1 < a.n ? r1 : a.n - 1;
+  const int64_t begin = split * per_split;
+  const int64_t end = begin + per_split < a.nb ? begin + per_split : a.nb;
+  const int mrow = g - 2 * c;  // the x row of this lane's operand column, if it is on the diagonal
+  const bool diag = mrow >= 0 && mrow < M;
+  const uint32_t pair_offset = static_cast<uint32_t>(lane) * 4u;
+  const uint32_t scale_offset = 128u + static_cast<uint32_t>(lane) * 4u;
+  const int64_t ldx = a.nb * kBlock;
+  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+
+  const int64_t steps = (end - begin) / kStep;  // steps whose four blocks are all in the split
+  const int64_t b0 = begin + c;
+  const uint32_t* w0 = a.packed + (r0c * a.nb + b0) * K;
+  const uint32_t* w1 = a.packed + (r1c * a.nb + b0) * K;
+  int64_t si0 = r0c * a.nb + b0;
+  int64_t si1 = r1c * a.nb + b0;
+  const uint4* xp = diag ? reinterpret_cast<const uint4*>(a.x + mrow * ldx + b0 * kBlock) : g_zero_x;
+  const int xstep = diag ? kStep * kBlock * 2 / 16 : 0;  // in uint4
+  if (steps > 0) {
+    StepData<K> cur;
+    load_step<K, kE4M4>(cur, w0, w1, a.fmt, a.scales, si0, si1);
+    for (int64_t s = 0; s < steps; ++s) {
+      // The next step's loads go out before this step's arithmetic (the last step reloads its own data).
+      const int adv = s + 1 < steps ? 1 : 0;
+      w0 += adv * kStep * K;
+      w1 += adv * kStep * K;
+      si0 += adv * kStep;
+      si1 += adv * kStep;
+      StepData<K> next;
+      load_step<K, kE4M4>(next, w0, w1, a.fmt, a.scales, si0, si1);
+      compute_step<kBf16, K, M, kE4M4>(cur, xp, true, a.fmt, t, pair_offset, scale_offset, acc);
+      xp += xstep;
+      cur = next;
+    }
+  }
+  const int64_t rest = end - begin - steps * kStep;
+  if (rest > 0) {  // a last step with blocks past `end`: those lanes read a valid block, scale 0, x zeros
+    const bool valid = c < rest;
+    const int64_t b = valid ? begin + steps * kStep + c : end - 1;
+    const uint4* xr =
+        valid && diag ? reinterpret_cast<const uint4*>(a.x + mrow * ldx + b * kBlock) : g_zero_x;
+    StepData<K> last;
+    load_step<K, kE4M4>(last, a.packed + (r0c * a.nb + b) * K, a.packed + (r1c * a.nb + b) * K, a.fmt,
+                        a.scales, r0c * a.nb + b, r1c * a.nb + b);
+    compute_step<kBf16, K, M, kE4M4>(last, xr, valid, a.fmt, t, pair_offset, scale_offset, acc);
+  }
+  // The four lanes of a quad hold four different blocks of the same rows: add them (fixed order).
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    acc[e] += __shfl_xor_sync(kFull, acc[e], 1);
+    acc[e] += __shfl_xor_sync(kFull, acc[e], 2);
+  }
+  if (c != 0) return;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int m = e & 1;
+    const int64_t r = e < 2 ? r0 : r1;
+    if (m >= M || m >= a.m || r >= a.n) continue;
+    if (splits == 1) {
+      a.out[m * a.n + r] = to_16<kBf16>(acc[e]);
+    } else {
+      partial[(split * a.m + m) * a.n + r] = acc[e];
+    }
+  }
+}
+
+// Persistent CTAs: each builds its tables once, then its warps take (tile, split) items in turn.
+template <bool kBf16, int K, int M, bool kE4M4>
+__global__ void __launch_bounds__(kGvThreads, 1)
+    gemv_kernel(MatmulArgs a, int64_t tiles, int64_t splits, int64_t per_split, float* __restrict__ partial) {
+  extern __shared__ uint4 gv_smem[];
+  const int lane = threadIdx.x & 31;
+  const float t = a.tensor_scale[0];
+  build_gemv_tables<kBf16, K>(a.codebook, a.fmt, t, gv_smem);
+  __syncthreads();
+  for (int64_t item = static_cast<int64_t>(blockIdx.x) * kGvWarps + (threadIdx.x >> 5); item < tiles * splits;
+       item += static_cast<int64_t>(gridDim.x) * kGvWarps) {
+    gemv_item<kBf16, K, M, kE4M4>(a, t, tiles, splits, per_split, partial, item, lane);
+  }
+}
+
+template <bool kBf16, int K, int M, bool kE4M4>
+ffi::Error launch_gemv(cudaStream_t stream, ffi::ScratchAllocator& scratch, const MatmulArgs& a) {
+  auto* kernel = gemv_kernel<kBf16, K, M, kE4M4>;
+  // Above 48 KB of dynamic shared memory a kernel must opt in (once per kernel; idempotent).
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kGvSmem) != cudaSuccess) {
+    return launch_error("gemv shared memory attribute");
+  }
+  int per_sm = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kGvThreads, kGvSmem) != cudaSuccess ||
+      per_sm < 1) {
+    return launch_error("gemv occupancy query");
+  }
+  const int64_t sms = sm_count() > 0 ? sm_count() : 132;
+  const int64_t resident_warps = sms * per_sm * kGvWarps;
+  const int64_t tiles = (a.n + 15) / 16;
+  const auto [splits, per_split] = choose_split(a.nb, tiles, resident_warps, kGvChunk);
+  float* partial = nullptr;
+  if (splits > 1) {
+    const auto mem = scratch.Allocate(static_cast<size_t>(splits * a.m * a.n) * sizeof(float));
+    if (!mem.has_value()) {
+      return ffi::Error(ffi::ErrorCode::kResourceExhausted, "jax_kbit: matmul scratch allocation failed");
+    }
+    partial = static_cast<float*>(mem.value());
+  }
+  const int64_t items = tiles * splits;
+  const unsigned ctas =
+      static_cast<unsigned>(std::min<int64_t>((items + kGvWarps - 1) / kGvWarps, sms * per_sm));
+  kernel<<<ctas, kGvThreads, kGvSmem, stream>>>(a, tiles, splits, per_split, partial);
+  if (splits > 1) {
+    const int64_t count = a.m * a.n;
+    const unsigned grid = static_cast<unsigned>(std::min<int64_t>((count + kThreads - 1) / kThreads, 65535));
+    sum_splits_kernel<kBf16><<<grid, kThreads, 0, stream>>>(partial, splits, count, a.out);
+  }
+  return launch_error("gemv");
+}
+
+}  // namespace
+
+ffi::Error run_gemv(cudaStream_t stream, ffi::ScratchAllocator& scratch, const MatmulArgs& a, bool bf16,
+                    int k) {
+  ffi::Error result = ffi::Error::Success();
+  const bool e4m4 = a.fmt == ScaleFormat::kE4M4;
+  auto go = [&](auto bf, auto kc, auto mc) {
+    constexpr bool B = decltype(bf)::value;
+    constexpr int K = decltype(kc)::value;
+    constexpr int M = decltype(mc)::value;
+    result = e4m4 ? launch_gemv<B, K, M, true>(stream, scratch, a) : launch_gemv<B, K, M, false>(stream, scratch, a);
+  };
+  auto by_k = [&](auto bf, auto mc) {
+    switch (k) {
+      case 2: go(bf, std::integral_constant<int, 2>{}, mc); break;
+      case 3: go(bf, std::integral_constant<int, 3>{}, mc); break;
+      default: go(bf, std::integral_constant<int, 4>{}, mc); break;
+    }
+  };
+  auto by_m = [&](auto bf) {
+    if (a.m == 1) {
+      by_k(bf, std::integral_constant<int, 1>{});
+    } else {
+      by_k(bf, std::integral_constant<int, 2>{});
+    }
+  };
+  if (bf16) {
+    by_m(std::true_type{});
+  } else {
+    by_m(std::false_type{});
+  }
+  return result;
+}
+
+}  // namespace cuda
+}  // namespace kbit

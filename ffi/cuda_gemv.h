@@ -1,0 +1,21 @@
+// The fused matmul kernel for one or two rows of x at K <= 4 (cuda_gemv.cu), called by the matmul handler
+// (cuda_matmul.cu), which takes every other case.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda_mma.cuh"
+#include "xla/ffi/api/ffi.h"
+
+namespace kbit {
+namespace cuda {
+
+constexpr bool gemv_supported(int k, int64_t m) { return k >= 2 && k <= 4 && m >= 1 && m <= 2; }
+
+// y = x @ W for a.m in {1, 2}, k in 2..4, 16-bit x (bf16 says which); a.n >= 1 and a.nb >= 1.
+ffi::Error run_gemv(cudaStream_t stream, ffi::ScratchAllocator& scratch, const MatmulArgs& a, bool bf16, int k);
+
+}  // namespace cuda
+}  // namespace kbit
