@@ -19,12 +19,14 @@ namespace {
 
 constexpr int kGvWarps = 24;  // one CTA per SM (80 registers a thread) sharing one copy of the tables
 constexpr int kGvThreads = kGvWarps * 32;
-constexpr int kStep = 4;             // blocks per warp step, one per lane column
-constexpr int kGvChunk = 2 * kStep;  // the unit of a split of the reduction
-// Shared memory: 256 rows of 256 bytes. Row e holds pair-table entry e in bytes [0, 128) and the decoded
-// e4m4 scale e in bytes [128, 256), each replicated once per lane so that lane l always reads bank l.
+constexpr int kStep = 4;  // blocks per warp step, one per lane column; also the unit of a split
+// The tables: 256 rows of 256 bytes. Row e holds pair-table entry e in bytes [0, 128) and the decoded e4m4
+// scale e in bytes [128, 256), each replicated once per lane so that lane l always reads bank l. They start
+// at a shared address whose low 16 bits are zero, so that one byte permute of (pair index, lane's address)
+// is the whole address of a lookup: twice their size is reserved to place them so.
 constexpr int kRowBytes = 256;
-constexpr int kGvSmem = 256 * kRowBytes;
+constexpr int kTableBytes = 256 * kRowBytes;
+constexpr int kGvSmem = 2 * kTableBytes;
 
 __device__ uint4 g_zero_x[4];  // the x operand of lanes off the diagonal (64 zero bytes)
 
@@ -53,15 +55,14 @@ __device__ __forceinline__ void build_gemv_tables(const float* __restrict__ code
   }
 }
 
-// The 32-bit word at a byte offset of the tables.
-__device__ __forceinline__ uint32_t table_word(uint32_t offset) {
-  extern __shared__ uint4 gv_smem[];
-  return *reinterpret_cast<const uint32_t*>(reinterpret_cast<const char*>(gv_smem) + offset);
-}
-
-// Entry (byte q of p) of a table row, at the lane's bank: the permute builds (byte << 8) | lane_offset.
-__device__ __forceinline__ uint32_t row_lookup(uint32_t p, uint32_t lane_offset, int q) {
-  return table_word(__byte_perm(p, lane_offset, 0x5504 | (q << 4)));
+// Entry (byte q of p) of a table row, at the lane's bank. lane_address is the shared address of the lane's
+// word in row 0 (bits 8..15 zero); the permute puts the entry number into bits 8..15.
+__device__ __forceinline__ uint32_t row_lookup(uint32_t p, uint32_t lane_address, int q) {
+  const uint32_t address = __byte_perm(p, lane_address, 0x7604 | (q << 4));
+  uint32_t v;
+  // volatile: the compiler must not move the load above the barrier that publishes the tables.
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(address));
+  return v;
 }
 
 // Byte q of the result indexes the pair of elements 8q + 2 c0, 8q + 2 c0 + 1 (bit 2j + r: bit j of element
@@ -145,7 +146,7 @@ __device__ __forceinline__ void compute_step(const StepData<K>& d, const uint4* 
 template <bool kBf16, int K, int M, bool kE4M4>
 __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t tiles, int64_t splits,
                                           int64_t per_split, float* __restrict__ partial, int64_t item,
-                                          int lane) {
+                                          int lane, uint32_t tables) {
   const int g = lane >> 2;
   const int c = lane & 3;
   const int64_t tile = item % tiles;
@@ -159,8 +160,8 @@ __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t 
   const int64_t end = begin + per_split < a.nb ? begin + per_split : a.nb;
   const int mrow = g - 2 * c;  // the x row of this lane's operand column, if it is on the diagonal
   const bool diag = mrow >= 0 && mrow < M;
-  const uint32_t pair_offset = static_cast<uint32_t>(lane) * 4u;
-  const uint32_t scale_offset = 128u + static_cast<uint32_t>(lane) * 4u;
+  const uint32_t pair_offset = tables + static_cast<uint32_t>(lane) * 4u;
+  const uint32_t scale_offset = tables + 128u + static_cast<uint32_t>(lane) * 4u;
   const int64_t ldx = a.nb * kBlock;
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 
@@ -172,22 +173,29 @@ __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t 
   int64_t si1 = r1c * a.nb + b0;
   const uint4* xp = diag ? reinterpret_cast<const uint4*>(a.x + mrow * ldx + b0 * kBlock) : g_zero_x;
   const int xstep = diag ? kStep * kBlock * 2 / 16 : 0;  // in uint4
-  if (steps > 0) {
-    StepData<K> cur;
-    load_step<K, kE4M4>(cur, w0, w1, a.fmt, a.scales, si0, si1);
-    for (int64_t s = 0; s < steps; ++s) {
-      // The next step's loads go out before this step's arithmetic (the last step reloads its own data).
-      const int adv = s + 1 < steps ? 1 : 0;
-      w0 += adv * kStep * K;
-      w1 += adv * kStep * K;
-      si0 += adv * kStep;
-      si1 += adv * kStep;
-      StepData<K> next;
-      load_step<K, kE4M4>(next, w0, w1, a.fmt, a.scales, si0, si1);
-      compute_step<kBf16, K, M, kE4M4>(cur, xp, true, a.fmt, t, pair_offset, scale_offset, acc);
-      xp += xstep;
-      cur = next;
+  // Two buffers in turn: the next step's loads go out before this step's arithmetic.
+  StepData<K> buf0, buf1;
+  auto advance = [&]() {
+    w0 += kStep * K;
+    w1 += kStep * K;
+    si0 += kStep;
+    si1 += kStep;
+  };
+  if (steps > 0) load_step<K, kE4M4>(buf0, w0, w1, a.fmt, a.scales, si0, si1);
+  for (int64_t s = 0; s < steps; s += 2) {
+    if (s + 1 < steps) {
+      advance();
+      load_step<K, kE4M4>(buf1, w0, w1, a.fmt, a.scales, si0, si1);
     }
+    compute_step<kBf16, K, M, kE4M4>(buf0, xp, true, a.fmt, t, pair_offset, scale_offset, acc);
+    xp += xstep;
+    if (s + 1 >= steps) break;
+    if (s + 2 < steps) {
+      advance();
+      load_step<K, kE4M4>(buf0, w0, w1, a.fmt, a.scales, si0, si1);
+    }
+    compute_step<kBf16, K, M, kE4M4>(buf1, xp, true, a.fmt, t, pair_offset, scale_offset, acc);
+    xp += xstep;
   }
   const int64_t rest = end - begin - steps * kStep;
   if (rest > 0) {  // a last step with blocks past `end`: those lanes read a valid block, scale 0, x zeros
@@ -227,11 +235,13 @@ __global__ void __launch_bounds__(kGvThreads, 1)
   extern __shared__ uint4 gv_smem[];
   const int lane = threadIdx.x & 31;
   const float t = a.tensor_scale[0];
-  build_gemv_tables<kBf16, K>(a.codebook, a.fmt, t, gv_smem);
+  const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(gv_smem));
+  const uint32_t tables = (base + 0xffffu) & ~0xffffu;  // within the 2 x 64 KB reserved
+  build_gemv_tables<kBf16, K>(a.codebook, a.fmt, t, gv_smem + (tables - base) / 16);
   __syncthreads();
   for (int64_t item = static_cast<int64_t>(blockIdx.x) * kGvWarps + (threadIdx.x >> 5); item < tiles * splits;
        item += static_cast<int64_t>(gridDim.x) * kGvWarps) {
-    gemv_item<kBf16, K, M, kE4M4>(a, t, tiles, splits, per_split, partial, item, lane);
+    gemv_item<kBf16, K, M, kE4M4>(a, t, tiles, splits, per_split, partial, item, lane, tables);
   }
 }
 
@@ -250,7 +260,7 @@ ffi::Error launch_gemv(cudaStream_t stream, ffi::ScratchAllocator& scratch, cons
   const int64_t sms = sm_count() > 0 ? sm_count() : 132;
   const int64_t resident_warps = sms * per_sm * kGvWarps;
   const int64_t tiles = (a.n + 15) / 16;
-  const auto [splits, per_split] = choose_split(a.nb, tiles, resident_warps, kGvChunk);
+  const auto [splits, per_split] = choose_split(a.nb, tiles, resident_warps, kStep);
   float* partial = nullptr;
   if (splits > 1) {
     const auto mem = scratch.Allocate(static_cast<size_t>(splits * a.m * a.n) * sizeof(float));
@@ -272,6 +282,14 @@ ffi::Error launch_gemv(cudaStream_t stream, ffi::ScratchAllocator& scratch, cons
 }
 
 }  // namespace
+
+bool gemv_supported(int k, int64_t m) {
+  if (k < 2 || k > 4 || m < 1 || m > 2) return false;
+  int device = 0, optin = 0;
+  return cudaGetDevice(&device) == cudaSuccess &&
+         cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess &&
+         optin >= kGvSmem;
+}
 
 ffi::Error run_gemv(cudaStream_t stream, ffi::ScratchAllocator& scratch, const MatmulArgs& a, bool bf16,
                     int k) {
