@@ -6,7 +6,7 @@
 // indices and the quad rescales the partial sums after every two mmas. Here the four lane columns c = 0..3
 // take four different blocks (k-columns 2c, 2c + 1, 2c + 8, 2c + 9 of every mma come from block b + c),
 // and column n = 2c + m of the x operand holds x row m on the k-rows of block b + c and zeros elsewhere
-// (lanes off that diagonal read zeros). Column n of the product is then the partial sum of block
+// (lanes off that diagonal read a zero buffer). Column n of the product is then the partial sum of block
 // b + c alone, for x row m, so eight mmas cover 16 rows x 4 blocks and each lane rescales its own block's
 // sums once. The rotations that gather pair indices from the bit planes are compile-time constants, and a
 // pair table lookup is one byte permute (which also adds the lane's bank offset) and one shared-memory load.
@@ -26,14 +26,13 @@ constexpr int kStep = 4;  // blocks per warp step, one per lane column; also the
 // is the whole address of a lookup: twice their size is reserved to place them so.
 constexpr int kRowBytes = 256;
 constexpr int kTableBytes = 256 * kRowBytes;
-// After the tables: x (M rows of nb blocks, 64 bytes a block), then 64 zero bytes, the x operand of the
-// lanes off the diagonal. x is read by every warp of the CTA, so it is copied once instead of being
-// fetched by each warp through L1.
-inline int64_t gemv_smem_bytes(int64_t m, int64_t nb) { return 2 * kTableBytes + m * nb * 64 + 64; }
+constexpr int kGvSmem = 2 * kTableBytes;
+
+__device__ uint4 g_zero_x[4];  // the x operand of lanes off the diagonal (64 zero bytes)
 
 template <bool kBf16, int K>
-__device__ __forceinline__ void build_gemv_tables(const float* __restrict__ codebook, ScaleFormat fmt,
-                                                  float t, uint4* smem) {
+__device__ __forceinline__ void build_gemv_tables(const float* __restrict__ codebook, ScaleFormat fmt, float t,
+                                                  uint4* smem) {
   for (int e = threadIdx.x; e < 256; e += kGvThreads) {
     uint32_t pv = 0;
     if (e < (1 << (2 * K))) {
@@ -72,13 +71,13 @@ template <int K>
 __device__ __forceinline__ uint32_t pair_index_at(const uint32_t (&w)[K], int c0) {
   uint32_t p = 0;
 #pragma unroll
-  for (int j = 0; j < K; ++j)
-    p |= __funnelshift_r(w[j], w[j], (2 * c0 - 2 * j) & 31) & (0x03030303u << (2 * j));
+  for (int j = 0; j < K; ++j) p |= __funnelshift_r(w[j], w[j], (2 * c0 - 2 * j) & 31) & (0x03030303u << (2 * j));
   return p;
 }
 
 // What one lane streams from memory for one step, loaded a step ahead: its block of rows r0 and r1 (K words
-// each) and the two stored scales. (x comes from shared memory when the step starts.)
+// each) and the two stored scales. (x, 16 words of the block or zeros off the diagonal, is small and shared
+// by every warp, so it comes from the caches and is loaded when the step starts.)
 template <int K>
 struct StepData {
   uint32_t w0[K], w1[K];
@@ -102,15 +101,14 @@ __device__ __forceinline__ void load_step(StepData<K>& d, const uint32_t* w0, co
 // The eight mmas of one step and the rescale of this lane's block sums into acc (row r0: acc[0] for x row 0,
 // acc[1] for x row 1; row r1: acc[2], acc[3]). `valid` is false for a block past the end of the split.
 template <bool kBf16, int K, int M, bool kE4M4>
-__device__ __forceinline__ void compute_step(const StepData<K>& d, uint32_t xs, bool valid, ScaleFormat fmt,
-                                             float t, uint32_t pair_offset, uint32_t scale_offset,
-                                             float (&acc)[4]) {
+__device__ __forceinline__ void compute_step(const StepData<K>& d, const uint4* __restrict__ xp, bool valid,
+                                             ScaleFormat fmt, float t, uint32_t pair_offset,
+                                             uint32_t scale_offset, float (&acc)[4]) {
   uint32_t xw[16];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(xw[4 * i]), "=r"(xw[4 * i + 1]), "=r"(xw[4 * i + 2]), "=r"(xw[4 * i + 3])
-                 : "r"(xs + 16 * i));
+    const uint4 v = xp[i];
+    xw[4 * i] = v.x, xw[4 * i + 1] = v.y, xw[4 * i + 2] = v.z, xw[4 * i + 3] = v.w;
   }
   float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
@@ -148,7 +146,7 @@ __device__ __forceinline__ void compute_step(const StepData<K>& d, uint32_t xs, 
 template <bool kBf16, int K, int M, bool kE4M4>
 __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t tiles, int64_t splits,
                                           int64_t per_split, float* __restrict__ partial, int64_t item,
-                                          int lane, uint32_t tables, uint32_t x_shared) {
+                                          int lane, uint32_t tables) {
   const int g = lane >> 2;
   const int c = lane & 3;
   const int64_t tile = item % tiles;
@@ -164,8 +162,7 @@ __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t 
   const bool diag = mrow >= 0 && mrow < M;
   const uint32_t pair_offset = tables + static_cast<uint32_t>(lane) * 4u;
   const uint32_t scale_offset = tables + 128u + static_cast<uint32_t>(lane) * 4u;
-  const uint32_t x_row = static_cast<uint32_t>(a.nb) * 64u;
-  const uint32_t x_zero = x_shared + static_cast<uint32_t>(M) * x_row;
+  const int64_t ldx = a.nb * kBlock;
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 
   const int64_t steps = (end - begin) / kStep;  // steps whose four blocks are all in the split
@@ -174,8 +171,8 @@ __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t 
   const uint32_t* w1 = a.packed + (r1c * a.nb + b0) * K;
   int64_t si0 = r0c * a.nb + b0;
   int64_t si1 = r1c * a.nb + b0;
-  uint32_t xs = diag ? x_shared + mrow * x_row + static_cast<uint32_t>(b0) * 64u : x_zero;
-  const uint32_t xstep = diag ? kStep * 64u : 0u;
+  const uint4* xp = diag ? reinterpret_cast<const uint4*>(a.x + mrow * ldx + b0 * kBlock) : g_zero_x;
+  const int xstep = diag ? kStep * kBlock * 2 / 16 : 0;  // in uint4
   // Two buffers in turn: the next step's loads go out before this step's arithmetic.
   StepData<K> buf0, buf1;
   auto advance = [&]() {
@@ -190,21 +187,22 @@ __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t 
       advance();
       load_step<K, kE4M4>(buf1, w0, w1, a.fmt, a.scales, si0, si1);
     }
-    compute_step<kBf16, K, M, kE4M4>(buf0, xs, true, a.fmt, t, pair_offset, scale_offset, acc);
-    xs += xstep;
+    compute_step<kBf16, K, M, kE4M4>(buf0, xp, true, a.fmt, t, pair_offset, scale_offset, acc);
+    xp += xstep;
     if (s + 1 >= steps) break;
     if (s + 2 < steps) {
       advance();
       load_step<K, kE4M4>(buf0, w0, w1, a.fmt, a.scales, si0, si1);
     }
-    compute_step<kBf16, K, M, kE4M4>(buf1, xs, true, a.fmt, t, pair_offset, scale_offset, acc);
-    xs += xstep;
+    compute_step<kBf16, K, M, kE4M4>(buf1, xp, true, a.fmt, t, pair_offset, scale_offset, acc);
+    xp += xstep;
   }
   const int64_t rest = end - begin - steps * kStep;
   if (rest > 0) {  // a last step with blocks past `end`: those lanes read a valid block, scale 0, x zeros
     const bool valid = c < rest;
     const int64_t b = valid ? begin + steps * kStep + c : end - 1;
-    const uint32_t xr = valid && diag ? x_shared + mrow * x_row + static_cast<uint32_t>(b) * 64u : x_zero;
+    const uint4* xr =
+        valid && diag ? reinterpret_cast<const uint4*>(a.x + mrow * ldx + b * kBlock) : g_zero_x;
     StepData<K> last;
     load_step<K, kE4M4>(last, a.packed + (r0c * a.nb + b) * K, a.packed + (r1c * a.nb + b) * K, a.fmt,
                         a.scales, r0c * a.nb + b, r1c * a.nb + b);
@@ -240,31 +238,22 @@ __global__ void __launch_bounds__(kGvThreads, 1)
   const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(gv_smem));
   const uint32_t tables = (base + 0xffffu) & ~0xffffu;  // within the 2 x 64 KB reserved
   build_gemv_tables<kBf16, K>(a.codebook, a.fmt, t, gv_smem + (tables - base) / 16);
-  const uint32_t x_shared = tables + kTableBytes;
-  {
-    uint4* xs = gv_smem + (x_shared - base) / 16;
-    const uint4* xg = reinterpret_cast<const uint4*>(a.x);  // [M, nb * 32] 16-bit values, contiguous
-    const int64_t count = M * a.nb * 4;
-    for (int64_t i = threadIdx.x; i < count + 4; i += kGvThreads)
-      xs[i] = i < count ? xg[i] : make_uint4(0, 0, 0, 0);
-  }
   __syncthreads();
   for (int64_t item = static_cast<int64_t>(blockIdx.x) * kGvWarps + (threadIdx.x >> 5); item < tiles * splits;
        item += static_cast<int64_t>(gridDim.x) * kGvWarps) {
-    gemv_item<kBf16, K, M, kE4M4>(a, t, tiles, splits, per_split, partial, item, lane, tables, x_shared);
+    gemv_item<kBf16, K, M, kE4M4>(a, t, tiles, splits, per_split, partial, item, lane, tables);
   }
 }
 
 template <bool kBf16, int K, int M, bool kE4M4>
 ffi::Error launch_gemv(cudaStream_t stream, ffi::ScratchAllocator& scratch, const MatmulArgs& a) {
   auto* kernel = gemv_kernel<kBf16, K, M, kE4M4>;
-  const int smem = static_cast<int>(gemv_smem_bytes(M, a.nb));
-  // Above 48 KB of dynamic shared memory a kernel must opt in.
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) {
+  // Above 48 KB of dynamic shared memory a kernel must opt in (once per kernel; idempotent).
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kGvSmem) != cudaSuccess) {
     return launch_error("gemv shared memory attribute");
   }
   int per_sm = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kGvThreads, smem) != cudaSuccess ||
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kGvThreads, kGvSmem) != cudaSuccess ||
       per_sm < 1) {
     return launch_error("gemv occupancy query");
   }
@@ -283,7 +272,7 @@ ffi::Error launch_gemv(cudaStream_t stream, ffi::ScratchAllocator& scratch, cons
   const int64_t items = tiles * splits;
   const unsigned ctas =
       static_cast<unsigned>(std::min<int64_t>((items + kGvWarps - 1) / kGvWarps, sms * per_sm));
-  kernel<<<ctas, kGvThreads, smem, stream>>>(a, tiles, splits, per_split, partial);
+  kernel<<<ctas, kGvThreads, kGvSmem, stream>>>(a, tiles, splits, per_split, partial);
   if (splits > 1) {
     const int64_t count = a.m * a.n;
     const unsigned grid = static_cast<unsigned>(std::min<int64_t>((count + kThreads - 1) / kThreads, 65535));
@@ -294,12 +283,12 @@ ffi::Error launch_gemv(cudaStream_t stream, ffi::ScratchAllocator& scratch, cons
 
 }  // namespace
 
-bool gemv_supported(int k, int64_t m, int64_t nb) {
+bool gemv_supported(int k, int64_t m) {
   if (k < 2 || k > 4 || m < 1 || m > 2) return false;
   int device = 0, optin = 0;
   return cudaGetDevice(&device) == cudaSuccess &&
          cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess &&
-         gemv_smem_bytes(m, nb) <= optin;
+         optin >= kGvSmem;
 }
 
 ffi::Error run_gemv(cudaStream_t stream, ffi::ScratchAllocator& scratch, const MatmulArgs& a, bool bf16,
@@ -310,8 +299,7 @@ ffi::Error run_gemv(cudaStream_t stream, ffi::ScratchAllocator& scratch, const M
     constexpr bool B = decltype(bf)::value;
     constexpr int K = decltype(kc)::value;
     constexpr int M = decltype(mc)::value;
-    result = e4m4 ? launch_gemv<B, K, M, true>(stream, scratch, a)
-                  : launch_gemv<B, K, M, false>(stream, scratch, a);
+    result = e4m4 ? launch_gemv<B, K, M, true>(stream, scratch, a) : launch_gemv<B, K, M, false>(stream, scratch, a);
   };
   auto by_k = [&](auto bf, auto mc) {
     switch (k) {

@@ -12,14 +12,12 @@
 namespace kbit {
 namespace cuda {
 
-// Whether run_gemv takes this product: K <= 4, one or two rows of x (nb blocks each), and a GPU that gives
-// a CTA the kernel's shared memory: 128 KB for the tables plus x (on an H100 up to in = 48K for one row;
-// compute capability 8.6 and 8.9 never have enough).
-bool gemv_supported(int k, int64_t m, int64_t nb);
+// Whether run_gemv takes this product: K <= 4, one or two rows of x, and a GPU that gives a CTA the kernel's
+// 128 KB of shared memory (compute capability 8.0 and 9.0 do; 8.6 and 8.9 do not).
+bool gemv_supported(int k, int64_t m);
 
 // y = x @ W for a.m in {1, 2}, k in 2..4, 16-bit x (bf16 says which); a.n >= 1 and a.nb >= 1.
-ffi::Error run_gemv(cudaStream_t stream, ffi::ScratchAllocator& scratch, const MatmulArgs& a, bool bf16,
-                    int k);
+ffi::Error run_gemv(cudaStream_t stream, ffi::ScratchAllocator& scratch, const MatmulArgs& a, bool bf16, int k);
 
 }  // namespace cuda
 }  // namespace kbit
