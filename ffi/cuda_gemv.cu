@@ -19,7 +19,7 @@ namespace {
 
 constexpr int kGvWarps = 24;  // one CTA per SM (80 registers a thread) sharing one copy of the tables
 constexpr int kGvThreads = kGvWarps * 32;
-constexpr int kStep = 4;  // blocks per warp step, one per lane column; also the unit of a split
+constexpr int kStep = 4;  // blocks per warp step, one per lane column; splits are whole pairs of steps
 // The tables: 256 rows of 256 bytes. Row e holds pair-table entry e in bytes [0, 128) and the decoded e4m4
 // scale e in bytes [128, 256), each replicated once per lane so that lane l always reads bank l. They start
 // at a shared address whose low 16 bits are zero, so that one byte permute of (pair index, lane's address)
@@ -31,8 +31,8 @@ constexpr int kGvSmem = 2 * kTableBytes;
 __device__ uint4 g_zero_x[4];  // the x operand of lanes off the diagonal (64 zero bytes)
 
 template <bool kBf16, int K>
-__device__ __forceinline__ void build_gemv_tables(const float* __restrict__ codebook, ScaleFormat fmt, float t,
-                                                  uint4* smem) {
+__device__ __forceinline__ void build_gemv_tables(const float* __restrict__ codebook, ScaleFormat fmt,
+                                                  float t, uint4* smem) {
   for (int e = threadIdx.x; e < 256; e += kGvThreads) {
     uint32_t pv = 0;
     if (e < (1 << (2 * K))) {
@@ -71,7 +71,8 @@ template <int K>
 __device__ __forceinline__ uint32_t pair_index_at(const uint32_t (&w)[K], int c0) {
   uint32_t p = 0;
 #pragma unroll
-  for (int j = 0; j < K; ++j) p |= __funnelshift_r(w[j], w[j], (2 * c0 - 2 * j) & 31) & (0x03030303u << (2 * j));
+  for (int j = 0; j < K; ++j)
+    p |= __funnelshift_r(w[j], w[j], (2 * c0 - 2 * j) & 31) & (0x03030303u << (2 * j));
   return p;
 }
 
@@ -260,7 +261,7 @@ ffi::Error launch_gemv(cudaStream_t stream, ffi::ScratchAllocator& scratch, cons
   const int64_t sms = sm_count() > 0 ? sm_count() : 132;
   const int64_t resident_warps = sms * per_sm * kGvWarps;
   const int64_t tiles = (a.n + 15) / 16;
-  const auto [splits, per_split] = choose_split(a.nb, tiles, resident_warps, kStep);
+  const auto [splits, per_split] = choose_split(a.nb, tiles, resident_warps, 2 * kStep);
   float* partial = nullptr;
   if (splits > 1) {
     const auto mem = scratch.Allocate(static_cast<size_t>(splits * a.m * a.n) * sizeof(float));
@@ -299,7 +300,8 @@ ffi::Error run_gemv(cudaStream_t stream, ffi::ScratchAllocator& scratch, const M
     constexpr bool B = decltype(bf)::value;
     constexpr int K = decltype(kc)::value;
     constexpr int M = decltype(mc)::value;
-    result = e4m4 ? launch_gemv<B, K, M, true>(stream, scratch, a) : launch_gemv<B, K, M, false>(stream, scratch, a);
+    result = e4m4 ? launch_gemv<B, K, M, true>(stream, scratch, a)
+                  : launch_gemv<B, K, M, false>(stream, scratch, a);
   };
   auto by_k = [&](auto bf, auto mc) {
     switch (k) {
