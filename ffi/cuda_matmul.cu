@@ -13,8 +13,8 @@
 // float32 partials then go to XLA scratch memory and a second kernel adds them in a fixed order
 // (deterministic, no atomics).
 #include "cuda_common.cuh"
-#include "cuda_handlers.h"
 #include "cuda_gemv.h"
+#include "cuda_handlers.h"
 #include "cuda_mma.cuh"
 
 namespace ffi = xla::ffi;
@@ -374,15 +374,15 @@ ffi::Error MatmulImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::A
     return ffi::Error::Success();
   }
   const MatmulArgs a{L.format,
-               packed.typed_data(),
-               scales.untyped_data(),
-               codebook.typed_data(),
-               tensor_scale.typed_data(),
-               static_cast<const uint16_t*>(x.untyped_data()),
-               L.m,
-               L.n,
-               L.nb,
-               o};
+                     packed.typed_data(),
+                     scales.untyped_data(),
+                     codebook.typed_data(),
+                     tensor_scale.typed_data(),
+                     static_cast<const uint16_t*>(x.untyped_data()),
+                     L.m,
+                     L.n,
+                     L.nb,
+                     o};
   const bool bf16 = x.element_type() == ffi::DataType::BF16;
   if (gemv_supported(L.k, L.m)) return run_gemv(stream, scratch, a, bf16, L.k);
   ffi::Error result = ffi::Error::Success();
