@@ -150,6 +150,24 @@ def test_rows_select_the_fused_kernel():
         assert ("kbit_dequantize" in text) == (not fused), m
 
 
+@pytest.mark.parametrize(
+    "dtype, gpu_result", [(jnp.bfloat16, "bf16"), (jnp.float16, "f16"), (jnp.float32, "f32")]
+)
+def test_unfused_gpu_dot_accumulates_in_its_own_result_type(dtype, gpu_result):
+    # Above FUSED_MAX_ROWS the GPU runs dequantize + dot: a 16-bit dot there already sums in float32, so
+    # it asks for x's dtype (no float32 output and conversion pass); the CPU and float32 x ask for float32.
+    from jax_kbit.exporting import DISABLED_CHECKS
+
+    q = jk.quantize_matrix(jnp.ones((64, 32), jnp.float32), 4)
+    x = jnp.ones((FUSED_MAX_ROWS + 1, 64), dtype)
+    for platform, result in (("cuda", gpu_result), ("cpu", "f32")):
+        for fn in (jk.matmul, lambda x, q: jk.matmul(x[:, :32], q, transpose=True)):
+            exported = jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=DISABLED_CHECKS)
+            text = exported(x, q).mlir_module()
+            dots = re.findall(r"stablehlo.dot_general.*-> tensor<[0-9x]+x(\w+)>", text)
+            assert dots == [result], (platform, dots)
+
+
 def test_transforms(rng):
     x, q = make(rng, 3, 96, 40, 4, np.float32, lead=(5,))
     wref = weight_ref(q)
