@@ -262,23 +262,14 @@ ffi::Error launch_gemv(cudaStream_t stream, ffi::ScratchAllocator& scratch, cons
   const int64_t resident_warps = sms * per_sm * kGvWarps;
   const int64_t tiles = (a.n + 15) / 16;
   const auto [splits, per_split] = choose_split(a.nb, tiles, resident_warps, 2 * kStep);
+  const int64_t count = a.m * a.n;
   float* partial = nullptr;
-  if (splits > 1) {
-    const auto mem = scratch.Allocate(static_cast<size_t>(splits * a.m * a.n) * sizeof(float));
-    if (!mem.has_value()) {
-      return ffi::Error(ffi::ErrorCode::kResourceExhausted, "jax_kbit: matmul scratch allocation failed");
-    }
-    partial = static_cast<float*>(mem.value());
-  }
+  if (ffi::Error e = allocate_partials(scratch, splits, count, &partial); e.failure()) return e;
   const int64_t items = tiles * splits;
   const unsigned ctas =
       static_cast<unsigned>(std::min<int64_t>((items + kGvWarps - 1) / kGvWarps, sms * per_sm));
   kernel<<<ctas, kGvThreads, kGvSmem, stream>>>(a, tiles, splits, per_split, partial);
-  if (splits > 1) {
-    const int64_t count = a.m * a.n;
-    const unsigned grid = static_cast<unsigned>(std::min<int64_t>((count + kThreads - 1) / kThreads, 65535));
-    sum_splits_kernel<kBf16><<<grid, kThreads, 0, stream>>>(partial, splits, count, a.out);
-  }
+  launch_sum_splits<kBf16>(stream, partial, splits, count, a.out);
   return launch_error("gemv");
 }
 

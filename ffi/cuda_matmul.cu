@@ -328,24 +328,15 @@ ffi::Error run_matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, const
   const int64_t resident_warps = sms * per_sm * kMmWarps;
   const int64_t tiles = (a.n + 15) / 16;
   const auto [splits, per_split] = choose_split(a.nb, tiles, resident_warps, kChunk);
+  const int64_t count = a.m * a.n;
   float* partial = nullptr;
-  if (splits > 1) {
-    const auto mem = scratch.Allocate(static_cast<size_t>(splits * a.m * a.n) * sizeof(float));
-    if (!mem.has_value()) {
-      return ffi::Error(ffi::ErrorCode::kResourceExhausted, "jax_kbit: matmul scratch allocation failed");
-    }
-    partial = static_cast<float*>(mem.value());
-  }
+  if (ffi::Error e = allocate_partials(scratch, splits, count, &partial); e.failure()) return e;
   const int64_t items = tiles * splits;
   const unsigned ctas =
       static_cast<unsigned>(std::min<int64_t>((items + kMmWarps - 1) / kMmWarps, sms * per_sm));
   kernel<<<ctas, kMmThreads, smem, stream>>>(a.fmt, a.packed, a.scales, a.codebook, a.tensor_scale, a.x, a.m,
                                              a.n, a.nb, tiles, splits, per_split, partial, a.out);
-  if (splits > 1) {
-    const int64_t count = a.m * a.n;
-    const unsigned grid = static_cast<unsigned>(std::min<int64_t>((count + kThreads - 1) / kThreads, 65535));
-    sum_splits_kernel<kBf16><<<grid, kThreads, 0, stream>>>(partial, splits, count, a.out);
-  }
+  launch_sum_splits<kBf16>(stream, partial, splits, count, a.out);
   return launch_error("matmul");
 }
 

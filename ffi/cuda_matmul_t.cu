@@ -180,24 +180,15 @@ ffi::Error run_matmul_t(cudaStream_t stream, ffi::ScratchAllocator& scratch, con
   int64_t splits = std::min<int64_t>(max_splits, std::max<int64_t>(1, (resident_warps + a.nb - 1) / a.nb));
   const int64_t per_split = (steps + splits - 1) / splits * kStep;
   splits = (a.n + per_split - 1) / per_split;  // no empty splits
-  float* partial = nullptr;
   const int64_t count = a.m * a.nb * kBlock;
-  if (splits > 1) {
-    const auto mem = scratch.Allocate(static_cast<size_t>(splits * count) * sizeof(float));
-    if (!mem.has_value()) {
-      return ffi::Error(ffi::ErrorCode::kResourceExhausted, "jax_kbit: matmul scratch allocation failed");
-    }
-    partial = static_cast<float*>(mem.value());
-  }
+  float* partial = nullptr;
+  if (ffi::Error e = allocate_partials(scratch, splits, count, &partial); e.failure()) return e;
   const int64_t items = a.nb * splits;
   const unsigned ctas =
       static_cast<unsigned>(std::min<int64_t>((items + kTWarps - 1) / kTWarps, sms * per_sm));
   kernel<<<ctas, kTThreads, 0, stream>>>(a.fmt, a.packed, a.scales, a.codebook, a.tensor_scale, a.g, a.m, a.n,
                                          a.nb, a.d, splits, per_split, partial, a.out);
-  if (splits > 1) {
-    const unsigned grid = static_cast<unsigned>(std::min<int64_t>((count + kThreads - 1) / kThreads, 65535));
-    sum_splits_kernel<kBf16><<<grid, kThreads, 0, stream>>>(partial, splits, count, a.out);
-  }
+  launch_sum_splits<kBf16>(stream, partial, splits, count, a.out);
   return launch_error("transposed matmul");
 }
 

@@ -9,6 +9,7 @@
 #include <type_traits>
 
 #include "cuda_common.cuh"
+#include "xla/ffi/api/ffi.h"
 
 namespace kbit {
 namespace cuda {
@@ -126,6 +127,28 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t p = 1; p < splits; ++p) s += partial[p * count + i];
     out[i] = to_16<kBf16>(s);
   }
+}
+
+// Scratch for `splits` float32 partial results of `count` outputs each (none when splits == 1).
+inline ffi::Error allocate_partials(ffi::ScratchAllocator& scratch, int64_t splits, int64_t count,
+                                    float** partial) {
+  *partial = nullptr;
+  if (splits <= 1) return ffi::Error::Success();
+  const auto mem = scratch.Allocate(static_cast<size_t>(splits * count) * sizeof(float));
+  if (!mem.has_value()) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted, "jax_kbit: matmul scratch allocation failed");
+  }
+  *partial = static_cast<float*>(mem.value());
+  return ffi::Error::Success();
+}
+
+// The second kernel of a split reduction: out = the sum of the partials (nothing to do when splits == 1).
+template <bool kBf16>
+void launch_sum_splits(cudaStream_t stream, const float* partial, int64_t splits, int64_t count,
+                       uint16_t* out) {
+  if (splits <= 1) return;
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>((count + kThreads - 1) / kThreads, 65535));
+  sum_splits_kernel<kBf16><<<grid, kThreads, 0, stream>>>(partial, splits, count, out);
 }
 
 }  // namespace cuda
