@@ -6,10 +6,13 @@
 // indices and the quad rescales the partial sums after every two mmas. Here the four lane columns c = 0..3
 // take four different blocks (k-columns 2c, 2c + 1, 2c + 8, 2c + 9 of every mma come from block b + c),
 // and column n = 2c + m of the x operand holds x row m on the k-rows of block b + c and zeros elsewhere
-// (lanes off that diagonal read a zero buffer). Column n of the product is then the partial sum of block
+// (lanes off that diagonal use zeros). Column n of the product is then the partial sum of block
 // b + c alone, for x row m, so eight mmas cover 16 rows x 4 blocks and each lane rescales its own block's
 // sums once. The rotations that gather pair indices from the bit planes are compile-time constants, and a
 // pair table lookup is one byte permute (which also adds the lane's bank offset) and one shared-memory load.
+// The weights, scales and x stream in kStages steps ahead of the arithmetic (cp.async into a shared-memory
+// buffer per warp): at batch 1 the kernel is a race against memory latency, and the steps in flight per SM
+// must cover it.
 #include "cuda_gemv.h"
 #include "cuda_mma.cuh"
 
@@ -23,12 +26,9 @@ constexpr int kStep = 4;  // blocks per warp step, one per lane column; splits a
 // The tables: 256 rows of 256 bytes. Row e holds pair-table entry e in bytes [0, 128) and the decoded e4m4
 // scale e in bytes [128, 256), each replicated once per lane so that lane l always reads bank l. They start
 // at a shared address whose low 16 bits are zero, so that one byte permute of (pair index, lane's address)
-// is the whole address of a lookup: twice their size is reserved to place them so.
+// is the whole address of a lookup (the space that alignment leaves free holds the warps' staging buffers).
 constexpr int kRowBytes = 256;
 constexpr int kTableBytes = 256 * kRowBytes;
-constexpr int kGvSmem = 2 * kTableBytes;
-
-__device__ uint4 g_zero_x[4];  // the x operand of lanes off the diagonal (64 zero bytes)
 
 template <bool kBf16, int K>
 __device__ __forceinline__ void build_gemv_tables(const float* __restrict__ codebook, ScaleFormat fmt,
@@ -76,46 +76,20 @@ __device__ __forceinline__ uint32_t pair_index_at(const uint32_t (&w)[K], int c0
   return p;
 }
 
-// What one lane streams from memory for one step, loaded a step ahead: its block of rows r0 and r1 (K words
-// each) and the two stored scales. (x, 16 words of the block or zeros off the diagonal, is small and shared
-// by every warp, so it comes from the caches and is loaded when the step starts.)
-template <int K>
-struct StepData {
-  uint32_t w0[K], w1[K];
-  uint32_t s0, s1;
-};
-
-template <int K, bool kE4M4>
-__device__ __forceinline__ void load_step(StepData<K>& d, const uint32_t* w0, const uint32_t* w1,
-                                          ScaleFormat fmt, const void* scales, int64_t si0, int64_t si1) {
-  load_words<K>(w0, d.w0);
-  load_words<K>(w1, d.w1);
-  if constexpr (kE4M4) {
-    d.s0 = static_cast<const uint8_t*>(scales)[si0];
-    d.s1 = static_cast<const uint8_t*>(scales)[si1];
-  } else {
-    d.s0 = read_scale(fmt, scales, si0);
-    d.s1 = read_scale(fmt, scales, si1);
-  }
-}
-
 // The eight mmas of one step and the rescale of this lane's block sums into acc (row r0: acc[0] for x row 0,
-// acc[1] for x row 1; row r1: acc[2], acc[3]). `valid` is false for a block past the end of the split.
+// acc[1] for x row 1; row r1: acc[2], acc[3]). w0, w1: the K words of this lane's block in rows r0, r1;
+// s0, s1: their stored scales; xw: the x operand (x on this lane's block, or zeros off the diagonal).
+// `valid` is false for a block past the end of the split.
 template <bool kBf16, int K, int M, bool kE4M4>
-__device__ __forceinline__ void compute_step(const StepData<K>& d, const uint4* __restrict__ xp, bool valid,
+__device__ __forceinline__ void compute_step(const uint32_t (&w0)[K], const uint32_t (&w1)[K], uint32_t s0s,
+                                             uint32_t s1s, const uint32_t (&xw)[16], bool valid,
                                              ScaleFormat fmt, float t, uint32_t pair_offset,
                                              uint32_t scale_offset, float (&acc)[4]) {
-  uint32_t xw[16];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const uint4 v = xp[i];
-    xw[4 * i] = v.x, xw[4 * i + 1] = v.y, xw[4 * i + 2] = v.z, xw[4 * i + 3] = v.w;
-  }
   float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
   for (int c0 = 0; c0 < 4; ++c0) {
-    const uint32_t p0 = pair_index_at<K>(d.w0, c0);
-    const uint32_t p1 = pair_index_at<K>(d.w1, c0);
+    const uint32_t p0 = pair_index_at<K>(w0, c0);
+    const uint32_t p1 = pair_index_at<K>(w1, c0);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       uint32_t a[4];
@@ -128,11 +102,11 @@ __device__ __forceinline__ void compute_step(const StepData<K>& d, const uint4* 
   }
   float s0, s1;
   if constexpr (kE4M4) {
-    s0 = __uint_as_float(row_lookup(d.s0, scale_offset, 0));
-    s1 = __uint_as_float(row_lookup(d.s1, scale_offset, 0));
+    s0 = __uint_as_float(row_lookup(s0s, scale_offset, 0));
+    s1 = __uint_as_float(row_lookup(s1s, scale_offset, 0));
   } else {
-    s0 = decode_scale(fmt, d.s0, t);
-    s1 = decode_scale(fmt, d.s1, t);
+    s0 = decode_scale(fmt, s0s, t);
+    s1 = decode_scale(fmt, s1s, t);
   }
   if (!valid) s0 = s1 = 0.0f;  // its x columns are zero, but its scale may be NaN
   acc[0] = __fmaf_rn(s0, part[0], acc[0]);
@@ -143,11 +117,98 @@ __device__ __forceinline__ void compute_step(const StepData<K>& d, const uint4* 
   }
 }
 
+__device__ __forceinline__ uint32_t load_scale(bool e4m4, ScaleFormat fmt, const void* scales, int64_t i) {
+  return e4m4 ? static_cast<const uint8_t*>(scales)[i] : read_scale(fmt, scales, i);
+}
+
+// Asynchronous global -> shared copies (cp.async, sm_80+): the weights bypass L1 (read once), x stays in it
+// (every warp of the SM reads the same x).
+__device__ __forceinline__ void copy_16_global(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void copy_16_cached(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void copy_8(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void copy_4(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void copy_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
+}
+
+// One lane's K words of one block, global -> shared.
+template <int K>
+__device__ __forceinline__ void copy_words(uint32_t dst, const uint32_t* src) {
+  if constexpr (K == 4) {
+    copy_16_global(dst, src);
+  } else if constexpr (K == 2) {
+    copy_8(dst, src);
+  } else {
+#pragma unroll
+    for (int j = 0; j < K; ++j) copy_4(dst + 4 * j, src + j);
+  }
+}
+
+template <int K>
+__device__ __forceinline__ void read_words(const char* p, uint32_t (&w)[K]) {
+  if constexpr (K == 4) {
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+  } else if constexpr (K == 2) {
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
+    w[0] = v.x, w[1] = v.y;
+  } else {
+#pragma unroll
+    for (int j = 0; j < K; ++j) w[j] = reinterpret_cast<const uint32_t*>(p)[j];
+  }
+}
+
+__device__ __forceinline__ void read_x(const uint4* p, uint32_t (&xw)[16]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint4 v = p[i];
+    xw[4 * i] = v.x, xw[4 * i + 1] = v.y, xw[4 * i + 2] = v.z, xw[4 * i + 3] = v.w;
+  }
+}
+
+// The staging of one warp step in shared memory: the K words of every lane's block in rows r0 (lane order),
+// then in rows r1, then x on the step's four blocks (block c, x row m at (c M + m) 64 bytes). Each lane reads
+// back only what it copied itself, so waiting for its own copies is all the synchronisation needed.
+template <int K, int M>
+struct Stage {
+  static constexpr int kWords1 = 32 * K * 4;  // bytes: rows r1 start here
+  static constexpr int kX = 2 * kWords1;
+  static constexpr int kBytes = kX + 4 * M * kBlock * 2;
+};
+constexpr int kStages = 4;  // steps in flight per warp: enough bytes in flight to cover the memory latency
+
+__host__ __device__ constexpr int warp_buffer_bytes(int k, int m) {
+  return kStages * (2 * 32 * k * 4 + 4 * m * kBlock * 2);
+}
+template <int K, int M>
+constexpr int kWarpBuffer = warp_buffer_bytes(K, M);
+
+// Dynamic shared memory the kernel asks for: the 64 KB tables, 64 KB-aligned, and one warp buffer per warp in
+// the space around them. Whatever the base address, the gaps below and above the tables hold at least
+// kGvWarps whole buffers when they sum to (kGvWarps + 2) buffers (and the upper gap is never negative).
+__host__ __device__ constexpr int gemv_smem_bytes(int k, int m) {
+  const int buffers = (kGvWarps + 2) * warp_buffer_bytes(k, m);
+  return kTableBytes + (buffers > kTableBytes ? buffers : kTableBytes);
+}
+static_assert(Stage<4, 2>::kBytes == warp_buffer_bytes(4, 2) / kStages, "stage layout");
+
 // One work item of one warp: output rows [16 tile, 16 tile + 16), blocks [begin, end) of split `split`.
+// buffer: the shared address of this warp's kStages stages; local: the same, as a generic pointer.
 template <bool kBf16, int K, int M, bool kE4M4>
 __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t tiles, int64_t splits,
                                           int64_t per_split, float* __restrict__ partial, int64_t item,
-                                          int lane, uint32_t tables) {
+                                          int lane, uint32_t tables, uint32_t buffer, const char* local) {
+  using St = Stage<K, M>;
   const int g = lane >> 2;
   const int c = lane & 3;
   const int64_t tile = item % tiles;
@@ -172,42 +233,73 @@ __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t 
   const uint32_t* w1 = a.packed + (r1c * a.nb + b0) * K;
   int64_t si0 = r0c * a.nb + b0;
   int64_t si1 = r1c * a.nb + b0;
-  const uint4* xp = diag ? reinterpret_cast<const uint4*>(a.x + mrow * ldx + b0 * kBlock) : g_zero_x;
-  const int xstep = diag ? kStep * kBlock * 2 / 16 : 0;  // in uint4
-  // Two buffers in turn: the next step's loads go out before this step's arithmetic.
-  StepData<K> buf0, buf1;
-  auto advance = [&]() {
+  const uint16_t* xg = a.x + (diag ? mrow * ldx + b0 * kBlock : 0);
+  const uint32_t my_w0 = static_cast<uint32_t>(lane) * K * 4;
+  const uint32_t my_w1 = St::kWords1 + my_w0;
+  const uint32_t my_x = St::kX + static_cast<uint32_t>(c * M + (diag ? mrow : 0)) * kBlock * 2;
+  // The stored scales go through registers, a ring of kStages loaded as far ahead as the stages.
+  uint32_t sc0[kStages], sc1[kStages];
+  // Step `s` of this item into stage `i` (s's copies are one commit group; x only by lanes on the diagonal).
+  auto issue = [&](int i) {
+    const uint32_t stage = buffer + i * St::kBytes;
+    copy_words<K>(stage + my_w0, w0);
+    copy_words<K>(stage + my_w1, w1);
+    if (diag) {
+#pragma unroll
+      for (int v = 0; v < 4; ++v) copy_16_cached(stage + my_x + 16 * v, xg + 8 * v);
+    }
+    sc0[i] = load_scale(kE4M4, a.fmt, a.scales, si0);
+    sc1[i] = load_scale(kE4M4, a.fmt, a.scales, si1);
     w0 += kStep * K;
     w1 += kStep * K;
     si0 += kStep;
     si1 += kStep;
+    xg += kStep * kBlock;
   };
-  if (steps > 0) load_step<K, kE4M4>(buf0, w0, w1, a.fmt, a.scales, si0, si1);
-  for (int64_t s = 0; s < steps; s += 2) {
-    if (s + 1 < steps) {
-      advance();
-      load_step<K, kE4M4>(buf1, w0, w1, a.fmt, a.scales, si0, si1);
-    }
-    compute_step<kBf16, K, M, kE4M4>(buf0, xp, true, a.fmt, t, pair_offset, scale_offset, acc);
-    xp += xstep;
-    if (s + 1 >= steps) break;
-    if (s + 2 < steps) {
-      advance();
-      load_step<K, kE4M4>(buf0, w0, w1, a.fmt, a.scales, si0, si1);
-    }
-    compute_step<kBf16, K, M, kE4M4>(buf1, xp, true, a.fmt, t, pair_offset, scale_offset, acc);
-    xp += xstep;
+#pragma unroll
+  for (int i = 0; i < kStages; ++i) {
+    if (i < steps) issue(i);
+    copy_commit();  // empty groups too: the wait below counts groups
   }
+  for (int64_t base = 0; base < steps; base += kStages) {
+#pragma unroll
+    for (int i = 0; i < kStages; ++i) {
+      if (base + i >= steps) break;
+      copy_wait<kStages - 1>();  // step base + i has landed
+      const char* stage = local + i * St::kBytes;
+      uint32_t u0[K], u1[K], xw[16];
+      read_words<K>(stage + my_w0, u0);
+      read_words<K>(stage + my_w1, u1);
+      if (diag) {
+        read_x(reinterpret_cast<const uint4*>(stage + my_x), xw);
+      } else {
+#pragma unroll
+        for (int v = 0; v < 16; ++v) xw[v] = 0u;
+      }
+      compute_step<kBf16, K, M, kE4M4>(u0, u1, sc0[i], sc1[i], xw, true, a.fmt, t, pair_offset, scale_offset,
+                                       acc);
+      // The stage is free once its words are in registers and used (the mmas above consumed them).
+      if (base + i + kStages < steps) issue(i);
+      copy_commit();
+    }
+  }
+  copy_wait<0>();
   const int64_t rest = end - begin - steps * kStep;
   if (rest > 0) {  // a last step with blocks past `end`: those lanes read a valid block, scale 0, x zeros
     const bool valid = c < rest;
     const int64_t b = valid ? begin + steps * kStep + c : end - 1;
-    const uint4* xr =
-        valid && diag ? reinterpret_cast<const uint4*>(a.x + mrow * ldx + b * kBlock) : g_zero_x;
-    StepData<K> last;
-    load_step<K, kE4M4>(last, a.packed + (r0c * a.nb + b) * K, a.packed + (r1c * a.nb + b) * K, a.fmt,
-                        a.scales, r0c * a.nb + b, r1c * a.nb + b);
-    compute_step<kBf16, K, M, kE4M4>(last, xr, valid, a.fmt, t, pair_offset, scale_offset, acc);
+    uint32_t u0[K], u1[K], xw[16];
+    load_words<K>(a.packed + (r0c * a.nb + b) * K, u0);
+    load_words<K>(a.packed + (r1c * a.nb + b) * K, u1);
+    if (valid && diag) {
+      read_x(reinterpret_cast<const uint4*>(a.x + mrow * ldx + b * kBlock), xw);
+    } else {
+#pragma unroll
+      for (int v = 0; v < 16; ++v) xw[v] = 0u;
+    }
+    compute_step<kBf16, K, M, kE4M4>(u0, u1, load_scale(kE4M4, a.fmt, a.scales, r0c * a.nb + b),
+                                     load_scale(kE4M4, a.fmt, a.scales, r1c * a.nb + b), xw, valid, a.fmt, t,
+                                     pair_offset, scale_offset, acc);
   }
   // The four lanes of a quad hold four different blocks of the same rows: add them (fixed order).
 #pragma unroll
@@ -234,21 +326,31 @@ template <bool kBf16, int K, int M, bool kE4M4>
 __global__ void __launch_bounds__(kGvThreads, 1)
     gemv_kernel(MatmulArgs a, int64_t tiles, int64_t splits, int64_t per_split, float* __restrict__ partial) {
   extern __shared__ uint4 gv_smem[];
+  constexpr uint32_t kSize = gemv_smem_bytes(K, M);
+  constexpr uint32_t kBuf = kWarpBuffer<K, M>;
   const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
   const float t = a.tensor_scale[0];
   const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(gv_smem));
-  const uint32_t tables = (base + 0xffffu) & ~0xffffu;  // within the 2 x 64 KB reserved
+  const uint32_t tables = (base + 0xffffu) & ~0xffffu;
+  // This warp's buffer: below the tables while whole buffers fit there, else above them.
+  const uint32_t below = (tables - base) / kBuf;
+  const uint32_t buffer =
+      static_cast<uint32_t>(warp) < below ? base + warp * kBuf : tables + kTableBytes + (warp - below) * kBuf;
+  if (buffer + kBuf > base + kSize) __trap();  // impossible by gemv_smem_bytes' arithmetic
   build_gemv_tables<kBf16, K>(a.codebook, a.fmt, t, gv_smem + (tables - base) / 16);
   __syncthreads();
-  for (int64_t item = static_cast<int64_t>(blockIdx.x) * kGvWarps + (threadIdx.x >> 5); item < tiles * splits;
+  const char* local = reinterpret_cast<const char*>(gv_smem) + (buffer - base);
+  for (int64_t item = static_cast<int64_t>(blockIdx.x) * kGvWarps + warp; item < tiles * splits;
        item += static_cast<int64_t>(gridDim.x) * kGvWarps) {
-    gemv_item<kBf16, K, M, kE4M4>(a, t, tiles, splits, per_split, partial, item, lane, tables);
+    gemv_item<kBf16, K, M, kE4M4>(a, t, tiles, splits, per_split, partial, item, lane, tables, buffer, local);
   }
 }
 
 template <bool kBf16, int K, int M, bool kE4M4>
 ffi::Error launch_gemv(cudaStream_t stream, ffi::ScratchAllocator& scratch, const MatmulArgs& a) {
   auto* kernel = gemv_kernel<kBf16, K, M, kE4M4>;
+  constexpr int kGvSmem = gemv_smem_bytes(K, M);
   // Above 48 KB of dynamic shared memory a kernel must opt in (once per kernel; idempotent).
   if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kGvSmem) != cudaSuccess) {
     return launch_error("gemv shared memory attribute");
@@ -280,7 +382,7 @@ bool gemv_supported(int k, int64_t m) {
   int device = 0, optin = 0;
   return cudaGetDevice(&device) == cudaSuccess &&
          cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess &&
-         optin >= kGvSmem;
+         optin >= gemv_smem_bytes(k, static_cast<int>(m));
 }
 
 ffi::Error run_gemv(cudaStream_t stream, ffi::ScratchAllocator& scratch, const MatmulArgs& a, bool bf16,
