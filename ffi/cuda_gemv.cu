@@ -348,7 +348,7 @@ __global__ void __launch_bounds__(kGvThreads, 1)
 }
 
 template <bool kBf16, int K, int M, bool kE4M4>
-ffi::Error launch_gemv(cudaStream_t stream, ffi::ScratchAllocator& scratch, const MatmulArgs& a) {
+ffi::Error launch_gemv(cudaStream_t stream, const MatmulArgs& a) {
   auto* kernel = gemv_kernel<kBf16, K, M, kE4M4>;
   constexpr int kGvSmem = gemv_smem_bytes(K, M);
   // Above 48 KB of dynamic shared memory a kernel must opt in (once per kernel; idempotent).
@@ -363,10 +363,10 @@ ffi::Error launch_gemv(cudaStream_t stream, ffi::ScratchAllocator& scratch, cons
   const int64_t sms = sm_count() > 0 ? sm_count() : 132;
   const int64_t resident_warps = sms * per_sm * kGvWarps;
   const int64_t tiles = (a.n + 15) / 16;
-  const auto [splits, per_split] = choose_split(a.nb, tiles, resident_warps, 2 * kStep);
   const int64_t count = a.m * a.n;
-  float* partial = nullptr;
-  if (ffi::Error e = allocate_partials(scratch, splits, count, &partial); e.failure()) return e;
+  const auto [splits, per_split] =
+      choose_split(a.nb, tiles, resident_warps, 2 * kStep, splits_that_fit(a.workspace_floats, count));
+  float* partial = splits > 1 ? a.workspace : nullptr;
   const int64_t items = tiles * splits;
   const unsigned ctas =
       static_cast<unsigned>(std::min<int64_t>((items + kGvWarps - 1) / kGvWarps, sms * per_sm));
@@ -385,16 +385,14 @@ bool gemv_supported(int k, int64_t m) {
          optin >= gemv_smem_bytes(k, static_cast<int>(m));
 }
 
-ffi::Error run_gemv(cudaStream_t stream, ffi::ScratchAllocator& scratch, const MatmulArgs& a, bool bf16,
-                    int k) {
+ffi::Error run_gemv(cudaStream_t stream, const MatmulArgs& a, bool bf16, int k) {
   ffi::Error result = ffi::Error::Success();
   const bool e4m4 = a.fmt == ScaleFormat::kE4M4;
   auto go = [&](auto bf, auto kc, auto mc) {
     constexpr bool B = decltype(bf)::value;
     constexpr int K = decltype(kc)::value;
     constexpr int M = decltype(mc)::value;
-    result = e4m4 ? launch_gemv<B, K, M, true>(stream, scratch, a)
-                  : launch_gemv<B, K, M, false>(stream, scratch, a);
+    result = e4m4 ? launch_gemv<B, K, M, true>(stream, a) : launch_gemv<B, K, M, false>(stream, a);
   };
   auto by_k = [&](auto bf, auto mc) {
     switch (k) {

@@ -17,8 +17,7 @@ namespace cuda {
 bool gemv_supported(int k, int64_t m);
 
 // y = x @ W for a.m in {1, 2}, k in 2..4, 16-bit x (bf16 says which); a.n >= 1 and a.nb >= 1.
-ffi::Error run_gemv(cudaStream_t stream, ffi::ScratchAllocator& scratch, const MatmulArgs& a, bool bf16,
-                    int k);
+ffi::Error run_gemv(cudaStream_t stream, const MatmulArgs& a, bool bf16, int k);
 
 }  // namespace cuda
 }  // namespace kbit

@@ -10,8 +10,8 @@
 // one per byte and looked up with __shfl_sync from the lane that holds each codebook entry. The block's
 // float32 partial sums are multiplied by the two rows' decoded scales once per block, so no dequantized
 // weight is ever written. The reduction is split over warps when `out` alone would not fill the GPU; the
-// float32 partials then go to XLA scratch memory and a second kernel adds them in a fixed order
-// (deterministic, no atomics).
+// float32 partials then go to the call's workspace (a second result) and a second kernel adds them in a fixed
+// order (deterministic, no atomics).
 #include "cuda_common.cuh"
 #include "cuda_gemv.h"
 #include "cuda_handlers.h"
@@ -316,7 +316,7 @@ __global__ void __launch_bounds__(kMmThreads, min_ctas<K, MT>())
 
 // Persistent CTAs, as many as fit on the GPU at once.
 template <bool kBf16, int K, int MT>
-ffi::Error run_matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, const MatmulArgs& a) {
+ffi::Error run_matmul(cudaStream_t stream, const MatmulArgs& a) {
   auto* kernel = matmul_kernel<kBf16, K, MT>;
   constexpr int smem = smem_bytes<K>();
   int per_sm = 0;
@@ -327,10 +327,10 @@ ffi::Error run_matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, const
   const int64_t sms = sm_count() > 0 ? sm_count() : 132;
   const int64_t resident_warps = sms * per_sm * kMmWarps;
   const int64_t tiles = (a.n + 15) / 16;
-  const auto [splits, per_split] = choose_split(a.nb, tiles, resident_warps, kChunk);
   const int64_t count = a.m * a.n;
-  float* partial = nullptr;
-  if (ffi::Error e = allocate_partials(scratch, splits, count, &partial); e.failure()) return e;
+  const auto [splits, per_split] =
+      choose_split(a.nb, tiles, resident_warps, kChunk, splits_that_fit(a.workspace_floats, count));
+  float* partial = splits > 1 ? a.workspace : nullptr;
   const int64_t items = tiles * splits;
   const unsigned ctas =
       static_cast<unsigned>(std::min<int64_t>((items + kMmWarps - 1) / kMmWarps, sms * per_sm));
@@ -340,10 +340,10 @@ ffi::Error run_matmul(cudaStream_t stream, ffi::ScratchAllocator& scratch, const
   return launch_error("matmul");
 }
 
-ffi::Error MatmulImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer x,
-                      ffi::Buffer<ffi::U32> packed, ffi::AnyBuffer scales, ffi::Buffer<ffi::F32> codebook,
-                      ffi::Buffer<ffi::F32> tensor_scale, ffi::Result<ffi::AnyBuffer> out, int32_t k,
-                      int32_t scale_format) {
+ffi::Error MatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U32> packed,
+                      ffi::AnyBuffer scales, ffi::Buffer<ffi::F32> codebook,
+                      ffi::Buffer<ffi::F32> tensor_scale, ffi::Result<ffi::AnyBuffer> out,
+                      ffi::Result<ffi::Buffer<ffi::F32>> workspace, int32_t k, int32_t scale_format) {
   MatmulLayout L;
   if (ffi::Error e = matmul_layout_of(x, packed, scales, codebook, tensor_scale, *out, k, scale_format, &L);
       e.failure()) {
@@ -373,14 +373,16 @@ ffi::Error MatmulImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::A
                      L.m,
                      L.n,
                      L.nb,
-                     o};
+                     o,
+                     workspace->typed_data(),
+                     static_cast<int64_t>(workspace->element_count())};
   const bool bf16 = x.element_type() == ffi::DataType::BF16;
-  if (gemv_supported(L.k, L.m)) return run_gemv(stream, scratch, a, bf16, L.k);
+  if (gemv_supported(L.k, L.m)) return run_gemv(stream, a, bf16, L.k);
   ffi::Error result = ffi::Error::Success();
   with_k(L.k, [&](auto kc) {
     constexpr int K = decltype(kc)::value;
     with_dtype_and_row_tiles(bf16, L.m, [&](auto bf, auto mt) {
-      result = run_matmul<decltype(bf)::value, K, decltype(mt)::value>(stream, scratch, a);
+      result = run_matmul<decltype(bf)::value, K, decltype(mt)::value>(stream, a);
     });
   });
   return result;
@@ -393,12 +395,13 @@ ffi::Error MatmulImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::A
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulCuda, kbit::cuda::MatmulImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::ScratchAllocator>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::U32>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // workspace (cuda_mma.cuh)
                                   .Attr<int32_t>("k")
-                                  .Attr<int32_t>("scale_format"));
+                                  .Attr<int32_t>("scale_format"),
+                              {ffi::Traits::kCmdBufferCompatible});

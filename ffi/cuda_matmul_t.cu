@@ -160,12 +160,14 @@ struct TArgs {
   const uint16_t* g;
   int64_t m, n, nb, d;
   uint16_t* out;
+  float* workspace;  // partial sums of a split reduction (cuda_mma.cuh)
+  int64_t workspace_floats;
 };
 
 // Splits the reduction (the stored rows) so that the resident warps have about one item each, with at least
 // two chunks of rows per item; persistent CTAs, as many as fit on the GPU at once.
 template <bool kBf16, int K, int MT>
-ffi::Error run_matmul_t(cudaStream_t stream, ffi::ScratchAllocator& scratch, const TArgs& a) {
+ffi::Error run_matmul_t(cudaStream_t stream, const TArgs& a) {
   auto* kernel = matmul_t_kernel<kBf16, K, MT>;
   int per_sm = 0;
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kTThreads, 0) != cudaSuccess ||
@@ -176,13 +178,13 @@ ffi::Error run_matmul_t(cudaStream_t stream, ffi::ScratchAllocator& scratch, con
   const int64_t resident_warps = sms * per_sm * kTWarps;
   constexpr int64_t kStep = 16 * kTChunk;
   const int64_t steps = (a.n + kStep - 1) / kStep;
-  const int64_t max_splits = std::max<int64_t>(1, steps / 2);
+  const int64_t count = a.m * a.nb * kBlock;
+  const int64_t max_splits =
+      std::max<int64_t>(1, std::min(steps / 2, splits_that_fit(a.workspace_floats, count)));
   int64_t splits = std::min<int64_t>(max_splits, std::max<int64_t>(1, (resident_warps + a.nb - 1) / a.nb));
   const int64_t per_split = (steps + splits - 1) / splits * kStep;
   splits = (a.n + per_split - 1) / per_split;  // no empty splits
-  const int64_t count = a.m * a.nb * kBlock;
-  float* partial = nullptr;
-  if (ffi::Error e = allocate_partials(scratch, splits, count, &partial); e.failure()) return e;
+  float* partial = splits > 1 ? a.workspace : nullptr;
   const int64_t items = a.nb * splits;
   const unsigned ctas =
       static_cast<unsigned>(std::min<int64_t>((items + kTWarps - 1) / kTWarps, sms * per_sm));
@@ -192,10 +194,11 @@ ffi::Error run_matmul_t(cudaStream_t stream, ffi::ScratchAllocator& scratch, con
   return launch_error("transposed matmul");
 }
 
-ffi::Error MatmulTImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer g,
-                       ffi::Buffer<ffi::U32> packed, ffi::AnyBuffer scales, ffi::Buffer<ffi::F32> codebook,
-                       ffi::Buffer<ffi::F32> tensor_scale, ffi::Result<ffi::AnyBuffer> out, int32_t k,
-                       int32_t scale_format, int64_t d) {
+ffi::Error MatmulTImpl(cudaStream_t stream, ffi::AnyBuffer g, ffi::Buffer<ffi::U32> packed,
+                       ffi::AnyBuffer scales, ffi::Buffer<ffi::F32> codebook,
+                       ffi::Buffer<ffi::F32> tensor_scale, ffi::Result<ffi::AnyBuffer> out,
+                       ffi::Result<ffi::Buffer<ffi::F32>> workspace, int32_t k, int32_t scale_format,
+                       int64_t d) {
   MatmulLayout L;
   if (ffi::Error e =
           matmul_t_layout_of(g, packed, scales, codebook, tensor_scale, *out, k, scale_format, d, &L);
@@ -228,13 +231,15 @@ ffi::Error MatmulTImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::
                 L.n,
                 L.nb,
                 d,
-                o};
+                o,
+                workspace->typed_data(),
+                static_cast<int64_t>(workspace->element_count())};
   const bool bf16 = g.element_type() == ffi::DataType::BF16;
   ffi::Error result = ffi::Error::Success();
   with_k(L.k, [&](auto kc) {
     constexpr int K = decltype(kc)::value;
     with_dtype_and_row_tiles(bf16, L.m, [&](auto bf, auto mt) {
-      result = run_matmul_t<decltype(bf)::value, K, decltype(mt)::value>(stream, scratch, a);
+      result = run_matmul_t<decltype(bf)::value, K, decltype(mt)::value>(stream, a);
     });
   });
   return result;
@@ -247,13 +252,14 @@ ffi::Error MatmulTImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulTCuda, kbit::cuda::MatmulTImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::ScratchAllocator>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::U32>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // workspace (cuda_mma.cuh)
                                   .Attr<int32_t>("k")
                                   .Attr<int32_t>("scale_format")
-                                  .Attr<int64_t>("d"));
+                                  .Attr<int64_t>("d"),
+                              {ffi::Traits::kCmdBufferCompatible});

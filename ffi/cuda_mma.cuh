@@ -1,5 +1,5 @@
-// Device helpers shared by the fused matmul kernels (cuda_matmul.cu, cuda_matmul_t.cu): the tensor-core
-// instruction, 16-bit conversion and the load of one block's K bit-plane words (also used by dequantize).
+// What the fused matmul kernels share (cuda_matmul.cu, cuda_gemv.cu, cuda_matmul_t.cu): the tensor-core
+// instruction, 16-bit conversion, the load of one block's K bit-plane words, and the split reduction.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -92,18 +92,21 @@ struct MatmulArgs {
   const uint16_t* x;
   int64_t m, n, nb;
   uint16_t* out;
+  float* workspace;  // partial sums of a split reduction: workspace_floats floats
+  int64_t workspace_floats;
 };
 
 // How many parts the reduction is split into: each warp works through its items one chunk of `chunk` blocks
 // after another, each chunk a memory round trip, so the time goes as (rounds of items over the resident
 // warps) x (chunks per item). The split count minimising that (the fewest splits among equals) keeps every
-// resident warp busy without a nearly empty last round; parts of at least two chunks, whole chunks each.
+// resident warp busy without a nearly empty last round; parts of at least two chunks, whole chunks each, and
+// at most `cap` parts (what the workspace holds).
 struct Split {
   int64_t splits, per_split;
 };
 
-inline Split choose_split(int64_t nb, int64_t tiles, int64_t resident_warps, int64_t chunk) {
-  const int64_t max_splits = std::max<int64_t>(1, nb / (2 * chunk));
+inline Split choose_split(int64_t nb, int64_t tiles, int64_t resident_warps, int64_t chunk, int64_t cap) {
+  const int64_t max_splits = std::max<int64_t>(1, std::min(cap, nb / (2 * chunk)));
   Split best{1, nb};
   int64_t best_cost = -1;
   for (int64_t s = 1; s <= max_splits; ++s) {
@@ -129,17 +132,12 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Scratch for `splits` float32 partial results of `count` outputs each (none when splits == 1).
-inline ffi::Error allocate_partials(ffi::ScratchAllocator& scratch, int64_t splits, int64_t count,
-                                    float** partial) {
-  *partial = nullptr;
-  if (splits <= 1) return ffi::Error::Success();
-  const auto mem = scratch.Allocate(static_cast<size_t>(splits * count) * sizeof(float));
-  if (!mem.has_value()) {
-    return ffi::Error(ffi::ErrorCode::kResourceExhausted, "jax_kbit: matmul scratch allocation failed");
-  }
-  *partial = static_cast<float*>(mem.value());
-  return ffi::Error::Success();
+// The float32 partial sums of a split reduction live in a workspace that the lowering allocates as a second
+// result of the call (jax_kbit/matmul.py sizes it), not in scratch memory allocated per call: a handler that
+// allocates nothing can be recorded into a CUDA graph (kCmdBufferCompatible), which takes the host's launch
+// work off every later call. A workspace of `capacity` floats holds this many splits of `count` outputs.
+inline int64_t splits_that_fit(int64_t capacity, int64_t count) {
+  return std::max<int64_t>(1, capacity / std::max<int64_t>(1, count));
 }
 
 // The second kernel of a split reduction: out = the sum of the partials (nothing to do when splits == 1).

@@ -159,6 +159,20 @@ def _rows(aval) -> int:
     return int(np.prod(aval.shape[:-1], dtype=np.int64))
 
 
+# The CUDA kernels' split reductions keep float32 partial sums in a workspace that the call returns as a
+# second result (dropped here) instead of allocating scratch memory per call, so that XLA can record the
+# call into a CUDA graph (ffi/cuda_mma.cuh). Per row of the product it holds up to WORKSPACE_SPLITS partial
+# rows, at most WORKSPACE_FLOATS_PER_ROW floats (512 KB); the kernels split no further than it holds.
+WORKSPACE_SPLITS = 64
+WORKSPACE_FLOATS_PER_ROW = 1 << 17
+
+
+def _workspace(rows: int, cols: int) -> jax.core.ShapedArray:
+    """The float32 workspace of a CUDA matmul call whose product is ``rows x cols``."""
+    per_row = min(cols * WORKSPACE_SPLITS, WORKSPACE_FLOATS_PER_ROW)
+    return jax.core.ShapedArray((max(1, rows * per_row),), np.float32)
+
+
 def _lowering(platform: str, transposed: bool = False):
     kernel = jax.ffi.ffi_lowering("kbit_matmul_t" if transposed else "kbit_matmul")
     dense = partial(_dequantized_dot_t if transposed else _dequantized_dot, gpu=platform == "cuda")
@@ -185,7 +199,11 @@ def _lowering(platform: str, transposed: bool = False):
         attrs = dict(k=np.int32(k), scale_format=np.int32(SCALE_FORMAT_IDS[scale_format]))
         if transposed:
             attrs["d"] = np.int64(d)  # the kernel writes zeros past d (padded codes may decode to non-zeros)
-        return kernel(ctx, *args, **attrs)
+        if platform != "cuda":
+            return kernel(ctx, *args, **attrs)
+        cols = num_blocks(d) * BLOCK if transposed else int(ctx.avals_in[1].shape[0])
+        workspace = _workspace(_rows(x), cols)
+        return kernel(ctx.replace(avals_out=[*ctx.avals_out, workspace]), *args, **attrs)[:1]
 
     return lower
 

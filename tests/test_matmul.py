@@ -7,7 +7,10 @@ measured as ||y - ref|| / ||ref|| (docs/MATMUL.md says what to expect per dtype)
 from __future__ import annotations
 
 import importlib
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -399,6 +402,69 @@ def test_gpu_decode_kernel(rng, m, scale_format):
             expect[:, [2, 5]] = True
             expect[m - 1, :] = True
             np.testing.assert_array_equal(np.isnan(y), expect, err_msg=f"k={k} m={m} {dtype}")
+
+
+# Run in a subprocess whose XLA_FLAGS make XLA record every command-buffer-compatible call into CUDA graphs
+# (the matmul handlers are marked so: their split reductions use the call's own workspace result, nothing is
+# allocated per call). Each round feeds new x and new weights, so the recorded graphs must follow the new
+# buffers; every result is checked against the same jitted function on the CPU handlers.
+_GRAPH_SCRIPT = r"""
+import sys
+import numpy as np, jax, jax.numpy as jnp
+import importlib
+import jax_kbit as jk
+importlib.import_module("jax_kbit.matmul").cuda_fused_transposed = True
+gpu, cpu = jax.devices("gpu")[0], jax.devices("cpu")[0]
+
+def f(x1, x16, g, q1, q16, w):
+    y1 = jk.matmul(x1, q1)                      # batch-1 kernel, split reduction
+    y16 = jk.matmul(x16, q16)                   # M = 16 kernel, split reduction
+    yt = jk.matmul(g, q16, transpose=True)      # fused transposed kernel
+    qw = jk.quantize(w, 4)
+    return y1, y16 * 2, yt, jk.dequantize(qw)
+
+rng = np.random.default_rng(int(sys.argv[1]))
+run_gpu, run_cpu = jax.jit(f), jax.jit(f)
+for round_ in range(3):
+    w1 = jnp.asarray(rng.standard_normal((8192, 40)).astype(np.float32))
+    w16 = jnp.asarray(rng.standard_normal((4096, 48)).astype(np.float32))
+    q1, q16 = jk.quantize_matrix(w1, 3), jk.quantize_matrix(w16, 4)
+    args = (
+        rng.standard_normal((1, 8192)).astype(jnp.bfloat16),
+        rng.standard_normal((16, 4096)).astype(jnp.float16),
+        rng.standard_normal((4, 48)).astype(jnp.bfloat16),
+        q1, q16,
+        rng.standard_normal((3, 1000)).astype(np.float32),
+    )
+    got = run_gpu(*jax.device_put(args, gpu))
+    want = run_cpu(*jax.device_put(args, cpu))
+    for i, (a, b) in enumerate(zip(got, want)):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        err = np.linalg.norm(a - b) / np.linalg.norm(b)
+        assert np.isfinite(a).all() and err < 2e-2, (round_, i, err)
+print("ok")
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU is None or not jk.cuda_built(), reason="needs a CUDA GPU and the CUDA build")
+def test_gpu_matmul_in_cuda_graphs(rng):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (
+        env.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL"
+        " --xla_gpu_graph_min_graph_size=1"
+    ).strip()
+    seed = str(int(rng.integers(1 << 30)))
+    proc = subprocess.run(
+        [sys.executable, "-P", "-c", _GRAPH_SCRIPT, seed],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (
+        proc.stdout[-2000:] + proc.stderr[-4000:]
+    )
 
 
 @pytest.mark.gpu
