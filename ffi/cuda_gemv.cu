@@ -34,16 +34,15 @@ template <bool kBf16, int K>
 __device__ __forceinline__ void build_gemv_tables(const float* __restrict__ codebook, ScaleFormat fmt,
                                                   float t, uint4* smem) {
   for (int e = threadIdx.x; e < 256; e += kGvThreads) {
-    uint32_t pv = 0;
-    if (e < (1 << (2 * K))) {
-      int c0 = 0, c1 = 0;
+    // Bits above 2K are ignored (at K = 2 they hold another pair; at K = 3 they are zero).
+    int c0 = 0, c1 = 0;
 #pragma unroll
-      for (int j = 0; j < K; ++j) {
-        c0 |= ((e >> (2 * j)) & 1) << j;
-        c1 |= ((e >> (2 * j + 1)) & 1) << j;
-      }
-      pv = to_16<kBf16>(codebook[c0]) | (static_cast<uint32_t>(to_16<kBf16>(codebook[c1])) << 16);
+    for (int j = 0; j < K; ++j) {
+      c0 |= ((e >> (2 * j)) & 1) << j;
+      c1 |= ((e >> (2 * j + 1)) & 1) << j;
     }
+    const uint32_t pv =
+        to_16<kBf16>(codebook[c0]) | (static_cast<uint32_t>(to_16<kBf16>(codebook[c1])) << 16);
     const uint32_t sv = fmt == ScaleFormat::kE4M4 ? f32_to_bits(decode_scale(fmt, e, t)) : 0u;
     uint4* row = smem + e * (kRowBytes / 16);
 #pragma unroll
@@ -65,15 +64,31 @@ __device__ __forceinline__ uint32_t row_lookup(uint32_t p, uint32_t lane_address
   return v;
 }
 
-// Byte q of the result indexes the pair of elements 8q + 2 c0, 8q + 2 c0 + 1 (bit 2j + r: bit j of element
-// r's code): plane j rotated right by 2 c0 - 2 j, for a constant c0.
+// p[c0] byte q indexes the pair of elements 8q + 2 c0, 8q + 2 c0 + 1 (bit 2j + r: bit j of element r's
+// code), for c0 = 0..3. Planes are merged two at a time into nibbles (nibble n of a: the pair 2n of planes 0
+// and 1, of b: the pair 2n + 1), then nibbles into bytes: 16 pair indices in 6 (K = 2), 12 (K = 3) or 16
+// (K = 4) shift / logic operations. At K = 2 bits 4..7 of a byte are another pair's: the table repeats its
+// 16 entries over all 256 rows so they do not matter.
 template <int K>
-__device__ __forceinline__ uint32_t pair_index_at(const uint32_t (&w)[K], int c0) {
-  uint32_t p = 0;
-#pragma unroll
-  for (int j = 0; j < K; ++j)
-    p |= __funnelshift_r(w[j], w[j], (2 * c0 - 2 * j) & 31) & (0x03030303u << (2 * j));
-  return p;
+__host__ __device__ __forceinline__ void pair_indices(const uint32_t (&w)[K], uint32_t (&p)[4]) {
+  const uint32_t a = (w[0] & 0x33333333u) | ((w[1] << 2) & 0xccccccccu);
+  const uint32_t b = ((w[0] >> 2) & 0x33333333u) | (w[1] & 0xccccccccu);
+  if constexpr (K == 2) {
+    p[0] = a, p[1] = b, p[2] = a >> 4, p[3] = b >> 4;
+  } else {
+    uint32_t c, d;  // planes 2 (and 3) in the same nibble layout
+    if constexpr (K == 3) {
+      c = w[2] & 0x33333333u;
+      d = (w[2] >> 2) & 0x33333333u;
+    } else {
+      c = (w[2] & 0x33333333u) | ((w[3] << 2) & 0xccccccccu);
+      d = ((w[2] >> 2) & 0x33333333u) | (w[3] & 0xccccccccu);
+    }
+    p[0] = (a & 0x0f0f0f0fu) | ((c << 4) & 0xf0f0f0f0u);
+    p[1] = (b & 0x0f0f0f0fu) | ((d << 4) & 0xf0f0f0f0u);
+    p[2] = ((a >> 4) & 0x0f0f0f0fu) | (c & 0xf0f0f0f0u);
+    p[3] = ((b >> 4) & 0x0f0f0f0fu) | (d & 0xf0f0f0f0u);
+  }
 }
 
 // The eight mmas of one step and the rescale of this lane's block sums into acc (row r0: acc[0] for x row 0,
@@ -86,10 +101,13 @@ __device__ __forceinline__ void compute_step(const uint32_t (&w0)[K], const uint
                                              ScaleFormat fmt, float t, uint32_t pair_offset,
                                              uint32_t scale_offset, float (&acc)[4]) {
   float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  uint32_t q0[4], q1[4];
+  pair_indices<K>(w0, q0);
+  pair_indices<K>(w1, q1);
 #pragma unroll
   for (int c0 = 0; c0 < 4; ++c0) {
-    const uint32_t p0 = pair_index_at<K>(w0, c0);
-    const uint32_t p1 = pair_index_at<K>(w1, c0);
+    const uint32_t p0 = q0[c0];
+    const uint32_t p1 = q1[c0];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       uint32_t a[4];
@@ -187,8 +205,9 @@ struct Stage {
 };
 constexpr int kStages = 4;  // steps in flight per warp: enough bytes in flight to cover the memory latency
 
+constexpr int kZeroBytes = 64;  // after the stages: the x operand of lanes off the diagonal
 __host__ __device__ constexpr int warp_buffer_bytes(int k, int m) {
-  return kStages * (2 * 32 * k * 4 + 4 * m * kBlock * 2);
+  return kStages * (2 * 32 * k * 4 + 4 * m * kBlock * 2) + kZeroBytes;
 }
 template <int K, int M>
 constexpr int kWarpBuffer = warp_buffer_bytes(K, M);
@@ -200,10 +219,11 @@ __host__ __device__ constexpr int gemv_smem_bytes(int k, int m) {
   const int buffers = (kGvWarps + 2) * warp_buffer_bytes(k, m);
   return kTableBytes + (buffers > kTableBytes ? buffers : kTableBytes);
 }
-static_assert(Stage<4, 2>::kBytes == warp_buffer_bytes(4, 2) / kStages, "stage layout");
+static_assert(kStages * Stage<4, 2>::kBytes + kZeroBytes == warp_buffer_bytes(4, 2), "warp buffer layout");
 
 // One work item of one warp: output rows [16 tile, 16 tile + 16), blocks [begin, end) of split `split`.
-// buffer: the shared address of this warp's kStages stages; local: the same, as a generic pointer.
+// buffer: the shared address of this warp's kStages stages (then kZeroBytes zeros); local: the same, as a
+// generic pointer.
 template <bool kBf16, int K, int M, bool kE4M4>
 __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t tiles, int64_t splits,
                                           int64_t per_split, float* __restrict__ partial, int64_t item,
@@ -237,6 +257,9 @@ __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t 
   const uint32_t my_w0 = static_cast<uint32_t>(lane) * K * 4;
   const uint32_t my_w1 = St::kWords1 + my_w0;
   const uint32_t my_x = St::kX + static_cast<uint32_t>(c * M + (diag ? mrow : 0)) * kBlock * 2;
+  // Where this lane reads its x operand: its stage's x, or (off the diagonal) the same zeros every step.
+  const char* x_read = local + (diag ? my_x : kStages * St::kBytes);
+  const int x_stride = diag ? St::kBytes : 0;
   // The stored scales go through registers, a ring of kStages loaded as far ahead as the stages.
   uint32_t sc0[kStages], sc1[kStages];
   // Step `s` of this item into stage `i` (s's copies are one commit group; x only by lanes on the diagonal).
@@ -270,12 +293,7 @@ __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t 
       uint32_t u0[K], u1[K], xw[16];
       read_words<K>(stage + my_w0, u0);
       read_words<K>(stage + my_w1, u1);
-      if (diag) {
-        read_x(reinterpret_cast<const uint4*>(stage + my_x), xw);
-      } else {
-#pragma unroll
-        for (int v = 0; v < 16; ++v) xw[v] = 0u;
-      }
+      read_x(reinterpret_cast<const uint4*>(x_read + i * x_stride), xw);
       compute_step<kBf16, K, M, kE4M4>(u0, u1, sc0[i], sc1[i], xw, true, a.fmt, t, pair_offset, scale_offset,
                                        acc);
       // The stage is free once its words are in registers and used (the mmas above consumed them).
@@ -339,8 +357,11 @@ __global__ void __launch_bounds__(kGvThreads, 1)
       static_cast<uint32_t>(warp) < below ? base + warp * kBuf : tables + kTableBytes + (warp - below) * kBuf;
   if (buffer + kBuf > base + kSize) __trap();  // impossible by gemv_smem_bytes' arithmetic
   build_gemv_tables<kBf16, K>(a.codebook, a.fmt, t, gv_smem + (tables - base) / 16);
-  __syncthreads();
   const char* local = reinterpret_cast<const char*>(gv_smem) + (buffer - base);
+  if (lane < kZeroBytes / 16) {
+    reinterpret_cast<uint4*>(const_cast<char*>(local) + kBuf - kZeroBytes)[lane] = make_uint4(0, 0, 0, 0);
+  }
+  __syncthreads();
   for (int64_t item = static_cast<int64_t>(blockIdx.x) * kGvWarps + warp; item < tiles * splits;
        item += static_cast<int64_t>(gridDim.x) * kGvWarps) {
     gemv_item<kBf16, K, M, kE4M4>(a, t, tiles, splits, per_split, partial, item, lane, tables, buffer, local);
