@@ -24,7 +24,8 @@ cbs = jax.device_put(np.stack([rng.permutation(jk.codebooks.default(4)) for _ in
 jax.block_until_ready(jax.vmap(lambda x, c: jk.dequantize(jk.quantize(x, 4, codebook=c)))(xs, cbs))
 # fused matmul and the fused transposed product (on for this run; off by default): every K and x dtype,
 # each row-tile variant (M <= 8, 16, 32), a partial tile of output rows, a partial chunk of blocks, a split
-# reduction (in = 4096 forward, out = 4096 transposed) and f16 / f32 scales
+# reduction (in = 4096 forward, out = 4096 transposed) and f16 / f32 scales; one and two rows take the
+# batch-1 kernel (K <= 4; its cp.async pipeline over many steps, a tail step and a split reduction at 4096)
 importlib.import_module("jax_kbit.matmul").cuda_fused_transposed = True
 for k in (2, 3, 4, 5):
     for dtype in (jnp.float16, jnp.bfloat16):
@@ -34,6 +35,8 @@ for k in (2, 3, 4, 5):
             (30, 96, 17, "f16"),
             (8, 200, 24, "f32"),
             (3, 1000, 4096, "e4m4"),
+            (1, 4096, 40, "e4m4"),
+            (2, 1000, 24, "f16"),
         ):
             w = jax.device_put(rng.standard_normal((din, dout)).astype(np.float32), gpu)
             x = jax.device_put(rng.standard_normal((m, din)).astype(np.float32), gpu).astype(dtype)
