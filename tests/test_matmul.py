@@ -171,6 +171,39 @@ def test_unfused_gpu_dot_accumulates_in_its_own_result_type(dtype, gpu_result):
             assert dots == [result], (platform, dots)
 
 
+@pytest.mark.parametrize("rows, dout", [(1, 40), (16, 8192), (3, 50000)])
+def test_cuda_lowering_declares_a_workspace_result(rows, dout):
+    # The CUDA handlers get their split-reduction partials from a second, float32 result (so that they can
+    # be recorded into CUDA graphs); the lowering drops it. The CPU handler has one result.
+    from jax_kbit.exporting import DISABLED_CHECKS
+
+    din = 64
+    q = jk.quantize_matrix(jnp.ones((din, dout), jnp.float32), 4)
+    x = jnp.ones((rows, din), jnp.bfloat16)
+    g = jnp.ones((rows, dout), jnp.bfloat16)
+    cases = (
+        (jk.matmul, "kbit_matmul", (x, q), dout),
+        (lambda g, q: jk.matmul(g, q, transpose=True), "kbit_matmul_t", (g, q), din),
+    )
+    old = matmul_module.cuda_fused_transposed
+    matmul_module.cuda_fused_transposed = True
+    try:
+        for fn, target, args, cols in cases:
+            per_row = min(cols * matmul_module.WORKSPACE_SPLITS, matmul_module.WORKSPACE_FLOATS_PER_ROW)
+            for platform, expect in (("cuda", [rows * per_row]), ("cpu", [])):
+                exported = jax.export.export(
+                    jax.jit(fn), platforms=[platform], disabled_checks=DISABLED_CHECKS
+                )
+                text = exported(*args).mlir_module()
+                calls = [line for line in text.splitlines() if f"custom_call @{target}(" in line]
+                assert len(calls) == 1, (platform, target, calls)
+                results = calls[0].rsplit("->", 1)[1]
+                workspace = [int(n) for n in re.findall(r"tensor<(\d+)xf32>", results)]
+                assert workspace == expect, (platform, target, results)
+    finally:
+        matmul_module.cuda_fused_transposed = old
+
+
 def test_transforms(rng):
     x, q = make(rng, 3, 96, 40, 4, np.float32, lead=(5,))
     wref = weight_ref(q)
