@@ -8,8 +8,9 @@
 // and column n = 2c + m of the x operand holds x row m on the k-rows of block b + c and zeros elsewhere
 // (lanes off that diagonal use zeros). Column n of the product is then the partial sum of block
 // b + c alone, for x row m, so eight mmas cover 16 rows x 4 blocks and each lane rescales its own block's
-// sums once. The rotations that gather pair indices from the bit planes are compile-time constants, and a
-// pair table lookup is one byte permute (which also adds the lane's bank offset) and one shared-memory load.
+// sums once. Pair indices come from the bit planes in a few shifts and masks per 16 pairs (pair_indices),
+// and a pair table lookup is one byte permute (which also adds the lane's bank offset) and one shared-memory
+// load.
 // The weights, scales and x stream in kStages steps ahead of the arithmetic (cp.async into a shared-memory
 // buffer per warp): at batch 1 the kernel is a race against memory latency, and the steps in flight per SM
 // must cover it.
@@ -70,7 +71,7 @@ __device__ __forceinline__ uint32_t row_lookup(uint32_t p, uint32_t lane_address
 // (K = 4) shift / logic operations. At K = 2 bits 4..7 of a byte are another pair's: the table repeats its
 // 16 entries over all 256 rows so they do not matter.
 template <int K>
-__host__ __device__ __forceinline__ void pair_indices(const uint32_t (&w)[K], uint32_t (&p)[4]) {
+__device__ __forceinline__ void pair_indices(const uint32_t (&w)[K], uint32_t (&p)[4]) {
   const uint32_t a = (w[0] & 0x33333333u) | ((w[1] << 2) & 0xccccccccu);
   const uint32_t b = ((w[0] >> 2) & 0x33333333u) | (w[1] & 0xccccccccu);
   if constexpr (K == 2) {
@@ -172,20 +173,6 @@ __device__ __forceinline__ void copy_words(uint32_t dst, const uint32_t* src) {
   }
 }
 
-template <int K>
-__device__ __forceinline__ void read_words(const char* p, uint32_t (&w)[K]) {
-  if constexpr (K == 4) {
-    const uint4 v = *reinterpret_cast<const uint4*>(p);
-    w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
-  } else if constexpr (K == 2) {
-    const uint2 v = *reinterpret_cast<const uint2*>(p);
-    w[0] = v.x, w[1] = v.y;
-  } else {
-#pragma unroll
-    for (int j = 0; j < K; ++j) w[j] = reinterpret_cast<const uint32_t*>(p)[j];
-  }
-}
-
 __device__ __forceinline__ void read_x(const uint4* p, uint32_t (&xw)[16]) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -209,8 +196,6 @@ constexpr int kZeroBytes = 64;  // after the stages: the x operand of lanes off 
 __host__ __device__ constexpr int warp_buffer_bytes(int k, int m) {
   return kStages * (2 * 32 * k * 4 + 4 * m * kBlock * 2) + kZeroBytes;
 }
-template <int K, int M>
-constexpr int kWarpBuffer = warp_buffer_bytes(K, M);
 
 // Dynamic shared memory the kernel asks for: the 64 KB tables, 64 KB-aligned, and one warp buffer per warp in
 // the space around them. Whatever the base address, the gaps below and above the tables hold at least
@@ -291,8 +276,8 @@ __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t 
       copy_wait<kStages - 1>();  // step base + i has landed
       const char* stage = local + i * St::kBytes;
       uint32_t u0[K], u1[K], xw[16];
-      read_words<K>(stage + my_w0, u0);
-      read_words<K>(stage + my_w1, u1);
+      load_words<K>(reinterpret_cast<const uint32_t*>(stage + my_w0), u0);
+      load_words<K>(reinterpret_cast<const uint32_t*>(stage + my_w1), u1);
       read_x(reinterpret_cast<const uint4*>(x_read + i * x_stride), xw);
       compute_step<kBf16, K, M, kE4M4>(u0, u1, sc0[i], sc1[i], xw, true, a.fmt, t, pair_offset, scale_offset,
                                        acc);
@@ -345,7 +330,7 @@ __global__ void __launch_bounds__(kGvThreads, 1)
     gemv_kernel(MatmulArgs a, int64_t tiles, int64_t splits, int64_t per_split, float* __restrict__ partial) {
   extern __shared__ uint4 gv_smem[];
   constexpr uint32_t kSize = gemv_smem_bytes(K, M);
-  constexpr uint32_t kBuf = kWarpBuffer<K, M>;
+  constexpr uint32_t kBuf = warp_buffer_bytes(K, M);
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const float t = a.tensor_scale[0];
