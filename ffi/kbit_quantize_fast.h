@@ -80,9 +80,10 @@ struct BucketEntry {
   uint32_t codes;  // below | above << 16
 };
 
-KBIT_HD uint32_t bucket_code(float xn, BucketEntry e) {
-  return xn >= e.tau ? e.codes >> 16 : e.codes & 0xffffu;
-}
+// The code in the low 16 bits (the kernel tests only the low K bits, so it skips the mask).
+KBIT_HD uint32_t bucket_code_bits(float xn, BucketEntry e) { return e.codes >> (xn >= e.tau ? 16 : 0); }
+
+KBIT_HD uint32_t bucket_code(float xn, BucketEntry e) { return bucket_code_bits(xn, e) & 0xffffu; }
 
 // Whether the bucket table is exact for this codebook (cs built by build_code_search_values and the
 // thresholds): the threshold table itself must be exact over the range, and no threshold may be tiny or
