@@ -43,11 +43,14 @@ KBIT_HD float fast_quotient(float x, float s, float y) {
   return fmaf(fmaf(-q0, s, x), y, q0);
 }
 
-constexpr float kBucketRange = 1.0625f;      // covers normal e4m4/f16 scales, which round by at most 1/32
-constexpr float kBucketScale = 32.0f;        // buckets of width 1/32: power of two, so xn * 32 is exact
-constexpr float kBucketMagic = 12582912.0f;  // 1.5 * 2**23: fma(xn, 32, magic) has ulp 1
-constexpr uint32_t kBucketMagicBits = 0x4b400000u;
-constexpr int kBucketOffset = 34;  // bucket_of(-kBucketRange) == 0
+constexpr float kBucketRange = 1.0625f;  // covers normal e4m4/f16 scales, which round by at most 1/32
+constexpr float kBucketScale = 32.0f;    // buckets of width 1/32: power of two, so xn * 32 is exact
+constexpr int kBucketOffset = 34;        // bucket_of(-kBucketRange) == 0
+// fma(xn, 32, 2**23 + 34) lies in [2**23, 2**23 + 68], where the ulp is 1: it rounds 32 xn to an integer,
+// and its bits minus those of 2**23 are the bucket. (2**23's bits are 0 modulo 2**24, so a kernel that
+// multiplies the bits by 256 for an address needs no subtraction.)
+constexpr float kBucketMagic = 8388642.0f;         // 2**23 + kBucketOffset
+constexpr uint32_t kBucketBaseBits = 0x4b000000u;  // bits of 2**23
 constexpr int kBuckets = 2 * kBucketOffset + 1;
 
 // amax: the block's max |x|, s its decoded scale, nonfinite: whether it holds inf or NaN.
@@ -63,8 +66,7 @@ KBIT_HD FastDivisor fast_divisor(float s, float amax, bool nonfinite) {
 
 // Monotone in xn, exact in IEEE arithmetic: round-half-even(32 * xn) + kBucketOffset, for |xn| <= the range.
 KBIT_HD int bucket_of(float xn) {
-  return static_cast<int>(f32_to_bits(fmaf(xn, kBucketScale, kBucketMagic)) - kBucketMagicBits) +
-         kBucketOffset;
+  return static_cast<int>(f32_to_bits(fmaf(xn, kBucketScale, kBucketMagic)) - kBucketBaseBits);
 }
 
 // Bucket of a threshold anywhere on the line: -1 below the range, kBuckets above.
