@@ -18,10 +18,19 @@ for k in (2, 3, 4, 5):
                 q = jk.quantize(x, k, scale_format=fmt)
                 y = jk.dequantize(q)
                 jax.block_until_ready(y)
-# grouped codebooks (vmap) with several CTAs per group
-xs = jax.device_put(rng.standard_normal((3, 70, 64)).astype(np.float32), gpu)
-cbs = jax.device_put(np.stack([rng.permutation(jk.codebooks.default(4)) for _ in range(3)]), gpu)
-jax.block_until_ready(jax.vmap(lambda x, c: jk.dequantize(jk.quantize(x, 4, codebook=c)))(xs, cbs))
+# quantize's exact tile path: a non-finite block, and a codebook the bucket table declines
+for k in (2, 3, 4, 5):
+    for shape in ((5, 96), (3, 45)):
+        xh = rng.standard_normal(shape).astype(np.float32)
+        xh[1, 3] = np.nan
+        jax.block_until_ready(jk.quantize(jax.device_put(xh, gpu), k).packed)
+        dense = jax.device_put(np.linspace(-0.1, 0.1, 2**k, dtype=np.float32), gpu)
+        jax.block_until_ready(jk.quantize(jax.device_put(np.nan_to_num(xh), gpu), k, codebook=dense).packed)
+# grouped codebooks (vmap) with several CTAs per group, and (odd K, 39 blocks a group) misaligned tiles
+for k, shape in ((4, (3, 70, 64)), (3, (3, 13, 81)), (5, (3, 13, 81))):
+    xs = jax.device_put(rng.standard_normal(shape).astype(np.float32), gpu)
+    cbs = jax.device_put(np.stack([rng.permutation(jk.codebooks.default(k)) for _ in range(3)]), gpu)
+    jax.block_until_ready(jax.vmap(lambda x, c, k=k: jk.dequantize(jk.quantize(x, k, codebook=c)))(xs, cbs))
 # fused matmul and the fused transposed product (on for this run; off by default): every K and x dtype,
 # each row-tile variant (M <= 8, 16, 32), a partial tile of output rows, a partial chunk of blocks, a split
 # reduction (in = 4096 forward, out = 4096 transposed) and f16 / f32 scales; one and two rows take the

@@ -1,9 +1,11 @@
 // CUDA quantize handler for format v1. Each warp takes 32 consecutive blocks at a time: 32 coalesced loads
 // in flight per lane (element `lane` of each block), then lane i owns block i's scale arithmetic, so that
-// work is done once per block, not 32 times; codes come from the exact threshold table of kbit_format.h
-// (built per CTA in shared memory), and the K bit planes of a block from K ballots.
+// work is done once per block, not 32 times; codes come from the shortcut of kbit_quantize_fast.h where it
+// applies (almost always) and from the exact threshold table of kbit_format.h otherwise (both tables built
+// per CTA in shared memory), and the K bit planes of a block from K ballots.
 #include "cuda_common.cuh"
 #include "cuda_handlers.h"
+#include "kbit_quantize_fast.h"
 
 namespace ffi = xla::ffi;
 
@@ -18,19 +20,116 @@ __device__ __noinline__ int nearest_code_slow(float xn, const SortedCodebook& so
   return nearest_code_sorted<K>(xn, sorted);
 }
 
-// kContiguous (rows of whole blocks): block b is elements [32b, 32b + 32) of the flat array.
+// The format's code of x in a block of decoded scale s, by the definition: IEEE division, threshold table.
+template <int K>
+__device__ __forceinline__ uint32_t exact_code(float x, float s, const CodeSearch& cs) {
+  if (s != s) return 0;  // codes of a non-finite block stay 0
+  const float xn = normalize(x, s);
+  if (cs.regular && abs_f32(xn) <= cs.limit) {
+    const int p = table_position<K>(xn, cs.tau);
+    return static_cast<uint32_t>(cs.identity ? p : cs.label[p]);
+  }
+  return static_cast<uint32_t>(nearest_code_slow<K>(xn, cs.sorted));
+}
+
+// Stores block i's K plane words (lanes 0..K-1 each store one).
+template <int K>
+__device__ __forceinline__ void store_planes(uint32_t code, int lane, bool valid, uint32_t* block_words) {
+  uint32_t mine = 0;
+#pragma unroll
+  for (int j = 0; j < K; ++j) {
+    const uint32_t plane = __ballot_sync(kFull, (code >> j) & 1u);
+    mine = lane == j ? plane : mine;
+  }
+  if (lane < K && valid) block_words[lane] = mine;
+}
+
+// Stores words [J, K) of a block's K plane words, from one lane, at p (word offset o from a 16-byte
+// boundary) with the widest stores the alignment allows. o is a constant once the tile loop is unrolled, so
+// the branches fold away.
+template <int K, int J>
+__device__ __forceinline__ void store_words_from(const uint32_t (&w)[K], uint32_t* p, int o) {
+  if constexpr (J < K) {
+    if constexpr (J + 4 <= K) {
+      if ((o + J) % 4 == 0) {
+        *reinterpret_cast<uint4*>(p + J) = make_uint4(w[J], w[J + 1], w[J + 2], w[J + 3]);
+        store_words_from<K, J + 4>(w, p, o);
+        return;
+      }
+    }
+    if constexpr (J + 2 <= K) {
+      if ((o + J) % 2 == 0) {
+        *reinterpret_cast<uint2*>(p + J) = make_uint2(w[J], w[J + 1]);
+        store_words_from<K, J + 2>(w, p, o);
+        return;
+      }
+    }
+    p[J] = w[J];
+    store_words_from<K, J + 1>(w, p, o);
+  }
+}
+
+// A tile with a block the shortcut does not cover (a non-finite block, a scale outside [2**-60, 2**60], a
+// quotient beyond the bucket range, or a codebook the bucket table does not serve): every block of the tile
+// by the definition, re-reading x (rare, so a rolled loop out of line keeps the kernel small).
 template <typename In, int K, bool kContiguous>
-__global__ void __launch_bounds__(kThreads)
+__device__ __noinline__ void quantize_tile_exact(const typename In::Storage* __restrict__ x, int64_t base,
+                                                 int valid_blocks, float my_s, const CodeSearch& cs,
+                                                 uint32_t* __restrict__ packed, int64_t d, int64_t nb) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll 1
+  for (int i = 0; i < valid_blocks; ++i) {
+    const int64_t blk = base + i;
+    float v;
+    if constexpr (kContiguous) {
+      v = In::load(x[blk * kBlock + lane]);
+    } else {
+      const int64_t row = blk / nb;
+      const int64_t col = (blk - row * nb) * kBlock + lane;
+      v = col < d ? In::load(x[row * d + col]) : 0.0f;
+    }
+    const float s = __shfl_sync(kFull, my_s, i);
+    store_planes<K>(exact_code<K>(v, s, cs), lane, true, packed + blk * K);
+  }
+}
+
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ uint2 load_shared_u64(uint32_t address) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(address));
+  return v;
+}
+
+// kContiguous (rows of whole blocks): block b is elements [32b, 32b + 32) of the flat array.
+//
+// Per tile of 32 blocks the warp loads element `lane` of each block, reduces each block's max across the
+// lanes, and lane i computes block i's scale (stored, decoded, its reciprocal) once. Then, on the shortcut
+// of kbit_quantize_fast.h, each element costs a multiply and two fmas for its exact quotient and one
+// shared-memory lookup for its code. The bucket table is replicated per lane (lane l reads column l), so
+// its lookups never conflict on a bank whatever the data.
+template <typename In, int K, bool kContiguous>
+__global__ void __launch_bounds__(kThreads, 4)
     quantize_kernel(ScaleFormat fmt, const typename In::Storage* __restrict__ x,
                     const float* __restrict__ codebooks, const float* __restrict__ tensor_scales,
                     uint32_t* __restrict__ packed, void* __restrict__ scales, int64_t d, int64_t nb,
-                    int64_t blocks_per_group, int64_t groups) {
+                    int64_t blocks_per_group, int64_t groups, bool packed_aligned) {
   __shared__ CodeSearch cs;
+  __shared__ uint2 buckets[kBuckets * 32];  // entry j for lane l at [32 j + l]: {tau bits, codes}
+  __shared__ float2 divisors[kWarps][32];   // this tile's blocks: (s, 1/s) of block i at [warp][i]
+  __shared__ int bucket_ok;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int64_t chunks = (blocks_per_group + 31) / 32;
+  // Shared address of (bucket 0, this lane) minus the magic bits' share, so that a quotient's fma result
+  // bits times 256 plus it is the address of its entry (32-bit wrap-around is exact).
+  const uint32_t lane_table =
+      shared_address(buckets) + static_cast<uint32_t>(lane) * 8u +
+      (static_cast<uint32_t>(kBucketOffset) - kBucketMagicBits) * static_cast<uint32_t>(32 * sizeof(uint2));
   for (int64_t g = blockIdx.y; g < groups; g += gridDim.y) {
-    __syncthreads();  // every warp is done with the previous group's table
+    __syncthreads();  // every warp is done with the previous group's tables
     if (threadIdx.x == 0) build_code_search_values(codebooks + g * (1 << K), 1 << K, &cs);
     __syncthreads();
     // One thread per threshold; the barrier also guarantees every thread has read the distinct values in
@@ -39,11 +138,16 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     if (threadIdx.x < 32) cs.tau[threadIdx.x] = threadIdx.x + 1 < cs.m ? tau : bits_to_f32(0x7f800000u);
     __syncthreads();
+    if (threadIdx.x == 0) bucket_ok = bucket_table_ok(cs);
+    if (threadIdx.x < kBuckets) {
+      const BucketEntry e = bucket_entry(cs, threadIdx.x);
+      const uint2 entry = make_uint2(f32_to_bits(e.tau), e.codes);
+#pragma unroll 4
+      for (int l = 0; l < 32; ++l) buckets[threadIdx.x * 32 + l] = entry;
+    }
+    __syncthreads();
     const float t = tensor_scales[g];
-    // Uniform for the whole group: kept in registers rather than re-read from shared memory per element.
-    const bool table = cs.regular;
-    const bool identity = cs.identity;
-    const float limit = cs.limit;
+    const bool table_ok = bucket_ok != 0;
     const int64_t end = (g + 1) * blocks_per_group;
     for (int64_t chunk = static_cast<int64_t>(blockIdx.x) * kWarps + warp; chunk < chunks;
          chunk += static_cast<int64_t>(gridDim.x) * kWarps) {
@@ -79,44 +183,60 @@ __global__ void __launch_bounds__(kThreads)
       const uint32_t stored = encode_scale(fmt, bits_to_f32(amax_bits), nonfinite, t);
       const float my_s = decode_scale(fmt, stored, t);  // NaN for a non-finite block
       if (lane < valid_blocks) write_scale(fmt, scales, base + lane, stored);
-      uint32_t* pp = packed + base * K + lane;
+      // Blocks past the end hold zeros: scale 0, on the shortcut.
+      const FastDivisor div = fast_divisor(my_s, bits_to_f32(amax_bits), nonfinite);
+      __syncwarp();  // the previous tile's divisors have been read
+      divisors[warp][lane] = make_float2(div.s, div.y);
+      __syncwarp();
+      // The shortcut's stores are 16-byte vectors where a block's words allow: the tile's first word must
+      // be 16-byte aligned (always for even K; for odd K when base is a multiple of 4, which only tiles of
+      // a group after one whose block count is not a multiple of 4 miss).
+      const bool aligned = packed_aligned && (K % 2 == 0 || base % 4 == 0);
+      const bool shortcut = __all_sync(kFull, div.ok) && table_ok && aligned;
+      uint32_t* pp = packed + base * K;
+      if (shortcut) {
+        const uint32_t store_mask = lane != 0 ? 0u : valid_blocks == 32 ? kFull : (1u << valid_blocks) - 1u;
 #pragma unroll
-      for (int i = 0; i < 32; ++i) {
-        const float s = __shfl_sync(kFull, my_s, i);
-        uint32_t code = 0;
-        if (s == s) {  // codes of a non-finite block stay 0
-          const float xn = normalize(v[i], s);
-          if (table && abs_f32(xn) <= limit) {
-            const int p = table_position<K>(xn, cs.tau);
-            code = static_cast<uint32_t>(identity ? p : cs.label[p]);
-          } else {
-            code = static_cast<uint32_t>(nearest_code_slow<K>(xn, cs.sorted));
-          }
-        }
-        uint32_t mine = 0;
+        for (int i = 0; i < 32; ++i) {
+          const float2 sy = divisors[warp][i];
+          const float xn = fast_quotient(v[i], sy.x, sy.y);
+          const uint32_t key = f32_to_bits(fmaf(xn, kBucketScale, kBucketMagic));
+          const uint2 e = load_shared_u64(key * static_cast<uint32_t>(32 * sizeof(uint2)) + lane_table);
+          const uint32_t code = bucket_code_bits(xn, BucketEntry{bits_to_f32(e.x), e.y});
+          uint32_t w[K];
 #pragma unroll
-        for (int j = 0; j < K; ++j) {
-          const uint32_t plane = __ballot_sync(kFull, (code >> j) & 1u);
-          mine = lane == j ? plane : mine;
+          for (int j = 0; j < K; ++j) w[j] = __ballot_sync(kFull, (code >> j) & 1u);
+          // Lane 0 stores the block's words (the same in every lane); `aligned` made the tile's first word
+          // 16-byte aligned.
+          if (((store_mask >> i) & 1u) != 0) store_words_from<K, 0>(w, pp + i * K, i * K);
         }
-        if (lane < K && i < valid_blocks) pp[i * K] = mine;
+      } else {
+        quantize_tile_exact<In, K, kContiguous>(x, base, valid_blocks, my_s, cs, packed, d, nb);
       }
     }
   }
 }
 
+template <typename In, int K, bool kContiguous>
+void launch_quantize_kernel(cudaStream_t stream, const Layout& L, const typename In::Storage* x,
+                            const float* cb, const float* ts, uint32_t* packed, void* scales) {
+  // One wave of CTAs (each builds the code tables once per group, then loops over tiles).
+  static const int per_sm = resident_ctas(quantize_kernel<In, K, kContiguous>);
+  const int64_t bpg = L.rows_per_group * L.nb;
+  const dim3 grid = grid_for((bpg + 31) / 32, L.groups, per_sm);
+  quantize_kernel<In, K, kContiguous>
+      <<<grid, kThreads, 0, stream>>>(L.format, x, cb, ts, packed, scales, L.d, L.nb, bpg, L.groups,
+                                      reinterpret_cast<uintptr_t>(packed) % 16 == 0);
+}
+
 template <typename In, int K>
 void launch_quantize(cudaStream_t stream, const Layout& L, const void* x, const float* cb, const float* ts,
                      uint32_t* packed, void* scales) {
-  const int64_t bpg = L.rows_per_group * L.nb;
-  const dim3 grid = grid_for((bpg + 31) / 32, L.groups);
   const auto* xs = static_cast<const typename In::Storage*>(x);
   if (L.d % kBlock == 0) {
-    quantize_kernel<In, K, true>
-        <<<grid, kThreads, 0, stream>>>(L.format, xs, cb, ts, packed, scales, L.d, L.nb, bpg, L.groups);
+    launch_quantize_kernel<In, K, true>(stream, L, xs, cb, ts, packed, scales);
   } else {
-    quantize_kernel<In, K, false>
-        <<<grid, kThreads, 0, stream>>>(L.format, xs, cb, ts, packed, scales, L.d, L.nb, bpg, L.groups);
+    launch_quantize_kernel<In, K, false>(stream, L, xs, cb, ts, packed, scales);
   }
 }
 

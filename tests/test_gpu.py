@@ -113,6 +113,54 @@ def test_cuda_codebooks(codebook):
     bits_equal(yg, ref.dequantize_ref(packed, scales, cb, t, k, 160, np.float32))
 
 
+@pytest.mark.parametrize("k", [2, 3, 4, 5])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_grouped_codebooks_with_odd_block_counts(k, dtype):
+    """Per-group codebooks whose groups hold an odd number of blocks: tiles start at every alignment (the
+    quantize kernel's vector stores need 16 bytes for odd K and take the exact path otherwise), and a tile
+    never mixes groups. One group's codebook is one the bucket table declines."""
+    rng = np.random.default_rng()
+    groups = 7
+    cbs = np.stack([rng.permutation(jk.codebooks.default(k)) for _ in range(groups)]).astype(np.float32)
+    cbs[3] = np.sort(rng.uniform(-1, 1, 2**k)).astype(np.float32) * 1e-30  # thresholds near 0: declined
+    # 13 rows of 3 blocks (the last partial): 39 blocks a group; 45 rows of one whole block each.
+    for shape in [(groups, 13, 81), (groups, 45, 32)]:
+        scale = rng.uniform(0.01, 100, (groups, 1, 1))
+        x = (rng.standard_normal(shape) * scale).astype(np.float32).astype(dtype)
+        for fmt in FORMATS:
+
+            def rt(x, cb, fmt=fmt):
+                q = jk.quantize(x, k, codebook=cb, scale_format=fmt)
+                return q.packed, q.scales, jk.dequantize(q, np.float32)
+
+            gpu = jax.jit(jax.vmap(rt))(jax.device_put(x, GPU), jax.device_put(cbs, GPU))
+            cpu = jax.jit(jax.vmap(rt))(jax.device_put(x, CPU), jax.device_put(cbs, CPU))
+            for a, b in zip(gpu, cpu, strict=True):
+                bits_equal(a, b)
+            for g in (0, 3, groups - 1):
+                packed, scales, _ = ref.quantize_ref(x[g], k, cbs[g], fmt)
+                bits_equal(gpu[0][g], packed)
+                bits_equal(gpu[1][g], scales)
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_codebooks_the_bucket_table_declines(k):
+    """Codebooks whose thresholds are closer than a bucket (1/32) or near zero: the exact path, every tile."""
+    rng = np.random.default_rng()
+    declined = [
+        np.linspace(-0.2, 0.2, 2**k),  # dense
+        jk.codebooks.default(k) * 1e-30,  # tiny
+        np.concatenate([[-1.0, -(2.0**-15), 2.0**-15 + 2.0**-38], np.linspace(0.2, 1, 2**k - 3)]),  # near 0
+    ]
+    x = adversarial(rng, (33, 160), np.float32)
+    for cb in declined:
+        cb = np.asarray(cb, np.float32)
+        qg, _ = roundtrip(GPU, x, k, "e4m4", np.float32, codebook=cb)
+        packed, scales, _ = ref.quantize_ref(x, k, cb)
+        bits_equal(qg.packed, packed)
+        bits_equal(qg.scales, scales)
+
+
 @pytest.mark.parametrize("log2n", [0, 5, 10, 16, 20, 24, 28])
 def test_sizes_against_cpu(log2n):
     n = 2**log2n + (3 if log2n < 28 else 0)
