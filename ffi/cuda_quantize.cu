@@ -192,7 +192,9 @@ __global__ void __launch_bounds__(kThreads, 4)
       // be 16-byte aligned (always for even K; for odd K when base is a multiple of 4, which only tiles of
       // a group after one whose block count is not a multiple of 4 miss).
       const bool aligned = packed_aligned && (K % 2 == 0 || base % 4 == 0);
-      const bool shortcut = __all_sync(kFull, div.ok) && table_ok && aligned;
+      // One vote over all the conditions: the compiler then knows the branch is uniform (with a condition
+      // outside the vote it treats the loop as divergent, and the element loop triples in size).
+      const bool shortcut = __all_sync(kFull, div.ok && table_ok && aligned);
       uint32_t* pp = packed + base * K;
       if (shortcut) {
         const uint32_t store_mask = lane != 0 ? 0u : valid_blocks == 32 ? kFull : (1u << valid_blocks) - 1u;
