@@ -97,6 +97,26 @@ __device__ __forceinline__ uint32_t shared_address(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
+// Ballot of (x & bit) != 0. Written as C++ the test becomes shift, mask and compare-with-1 before the vote;
+// in PTX it is one and + setp, which ptxas turns into a single LOP3 writing the predicate.
+template <uint32_t kBit>
+__device__ __forceinline__ uint32_t ballot_bit(uint32_t x) {
+  uint32_t r;
+  asm("{\n\t.reg .pred p;\n\t.reg .b32 t;\n\tand.b32 t, %1, %2;\n\tsetp.ne.b32 p, t, 0;\n\t"
+      "vote.sync.ballot.b32 %0, p, 0xffffffff;\n\t}"
+      : "=r"(r)
+      : "r"(x), "n"(kBit));
+  return r;
+}
+
+template <int K, int J = 0>
+__device__ __forceinline__ void ballot_planes(uint32_t code, uint32_t (&w)[K]) {
+  if constexpr (J < K) {
+    w[J] = ballot_bit<1u << J>(code);
+    ballot_planes<K, J + 1>(code, w);
+  }
+}
+
 __device__ __forceinline__ uint2 load_shared_u64(uint32_t address) {
   uint2 v;
   asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(address));
@@ -123,11 +143,9 @@ __global__ void __launch_bounds__(kThreads, 4)
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int64_t chunks = (blocks_per_group + 31) / 32;
-  // Shared address of (bucket 0, this lane) minus the magic bits' share, so that a quotient's fma result
-  // bits times 256 plus it is the address of its entry (32-bit wrap-around is exact).
-  const uint32_t lane_table =
-      shared_address(buckets) + static_cast<uint32_t>(lane) * 8u +
-      (static_cast<uint32_t>(kBucketOffset) - kBucketMagicBits) * static_cast<uint32_t>(32 * sizeof(uint2));
+  // Shared address of (bucket 0, this lane): a quotient's fma result bits times 256 plus it is the address of
+  // its entry (32-bit wrap-around drops the bits of 2**23).
+  const uint32_t lane_table = shared_address(buckets) + static_cast<uint32_t>(lane) * 8u;
   for (int64_t g = blockIdx.y; g < groups; g += gridDim.y) {
     __syncthreads();  // every warp is done with the previous group's tables
     if (threadIdx.x == 0) build_code_search_values(codebooks + g * (1 << K), 1 << K, &cs);
@@ -156,8 +174,13 @@ __global__ void __launch_bounds__(kThreads, 4)
       float v[32];
       if constexpr (kContiguous) {
         const typename In::Storage* xp = x + base * kBlock + lane;
+        if (valid_blocks == 32) {  // all but a group's last tile: no per-load predicate
 #pragma unroll
-        for (int i = 0; i < 32; ++i) v[i] = i < valid_blocks ? In::load(xp[i * kBlock]) : 0.0f;
+          for (int i = 0; i < 32; ++i) v[i] = In::load(xp[i * kBlock]);
+        } else {
+#pragma unroll
+          for (int i = 0; i < 32; ++i) v[i] = i < valid_blocks ? In::load(xp[i * kBlock]) : 0.0f;
+        }
       } else {
         int64_t row = base / nb;
         int64_t b = base - row * nb;
@@ -206,8 +229,7 @@ __global__ void __launch_bounds__(kThreads, 4)
           const uint2 e = load_shared_u64(key * static_cast<uint32_t>(32 * sizeof(uint2)) + lane_table);
           const uint32_t code = bucket_code_bits(xn, BucketEntry{bits_to_f32(e.x), e.y});
           uint32_t w[K];
-#pragma unroll
-          for (int j = 0; j < K; ++j) w[j] = __ballot_sync(kFull, (code >> j) & 1u);
+          ballot_planes<K>(code, w);
           // Lane 0 stores the block's words (the same in every lane); `aligned` made the tile's first word
           // 16-byte aligned.
           if (((store_mask >> i) & 1u) != 0) store_words_from<K, 0>(w, pp + i * K, i * K);
