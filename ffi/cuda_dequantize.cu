@@ -77,6 +77,16 @@ __device__ __forceinline__ void store16(void* p, const uint32_t (&w)[4]) {
                : "memory");
 }
 
+// store16 if `write`, as a predicated store: a branch around it lets the compiler re-derive the 64-bit
+// address inside the branch (a dozen instructions per store) instead of keeping it.
+__device__ __forceinline__ void store16_if(bool write, void* p, const uint32_t (&w)[4]) {
+  asm volatile(
+      "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %5, 0;\n\t@p st.global.v4.u32 [%0], {%1, %2, %3, %4};\n\t}" ::"l"(
+          p),
+      "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3]), "r"(static_cast<int>(write))
+      : "memory");
+}
+
 // Codes of 4 consecutive elements, one per byte, from the 4-bit nibble of each plane that holds them:
 // multiplying a nibble by 0x00204081 puts copies of it 7 bits apart, so bit e of copy e lands on bit 8e (the
 // copies do not overlap, hence no carries); the plane's shift j is folded into the multiplier and the mask.
@@ -138,6 +148,11 @@ __global__ void __launch_bounds__(kThreads, K == 5 ? kVecMinBlocks - 1 : kVecMin
       uint32_t next_w[K], next_st;
       load(tile + stride, next_w, next_st);
       const float s_own = decode_scale(fmt, st, t);
+      // This lane's first output of the tile (slice 0); slice n is n * E blocks further. Blocks at or past
+      // `valid` (the group's end) are not written.
+      Storage* const lane_out = out + (first + tile * kBlock + lane / kLanesPerBlock) * kBlock + pos;
+      const int64_t left = blocks_per_group - tile * kBlock;
+      const int valid = static_cast<int>(left < kBlock ? left : kBlock);
 #pragma unroll
       for (int slice = 0; slice < kSlices; ++slice) {
         const int src = slice * E + lane / kLanesPerBlock;  // the tile's block this lane writes now
@@ -164,9 +179,8 @@ __global__ void __launch_bounds__(kThreads, K == 5 ? kVecMinBlocks - 1 : kVecMin
 #pragma unroll
           for (int i = 0; i < 4; ++i) words[i] = f32_to_bits(Out::store(value(i)));
         }
-        const int64_t b = tile * kBlock + src;
         // One 16-byte store (st.global.v4): stores split into 4-byte pieces would each write partial sectors.
-        if (b < blocks_per_group) store16(out + (first + b) * kBlock + pos, words);
+        store16_if(src < valid, lane_out + slice * E * kBlock, words);
       }
 #pragma unroll
       for (int j = 0; j < K; ++j) w[j] = next_w[j];
