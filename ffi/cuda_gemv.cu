@@ -192,9 +192,8 @@ struct Stage {
 };
 constexpr int kStages = 4;  // steps in flight per warp: enough bytes in flight to cover the memory latency
 
-constexpr int kZeroBytes = 64;  // after the stages: the x operand of lanes off the diagonal
 __host__ __device__ constexpr int warp_buffer_bytes(int k, int m) {
-  return kStages * (2 * 32 * k * 4 + 4 * m * kBlock * 2) + kZeroBytes;
+  return kStages * (2 * 32 * k * 4 + 4 * m * kBlock * 2);
 }
 
 // Dynamic shared memory the kernel asks for: the 64 KB tables, 64 KB-aligned, and one warp buffer per warp in
@@ -204,11 +203,10 @@ __host__ __device__ constexpr int gemv_smem_bytes(int k, int m) {
   const int buffers = (kGvWarps + 2) * warp_buffer_bytes(k, m);
   return kTableBytes + (buffers > kTableBytes ? buffers : kTableBytes);
 }
-static_assert(kStages * Stage<4, 2>::kBytes + kZeroBytes == warp_buffer_bytes(4, 2), "warp buffer layout");
+static_assert(kStages * Stage<4, 2>::kBytes == warp_buffer_bytes(4, 2), "warp buffer layout");
 
 // One work item of one warp: output rows [16 tile, 16 tile + 16), blocks [begin, end) of split `split`.
-// buffer: the shared address of this warp's kStages stages (then kZeroBytes zeros); local: the same, as a
-// generic pointer.
+// buffer: the shared address of this warp's kStages stages; local: the same, as a generic pointer.
 template <bool kBf16, int K, int M, bool kE4M4>
 __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t tiles, int64_t splits,
                                           int64_t per_split, float* __restrict__ partial, int64_t item,
@@ -242,9 +240,6 @@ __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t 
   const uint32_t my_w0 = static_cast<uint32_t>(lane) * K * 4;
   const uint32_t my_w1 = St::kWords1 + my_w0;
   const uint32_t my_x = St::kX + static_cast<uint32_t>(c * M + (diag ? mrow : 0)) * kBlock * 2;
-  // Where this lane reads its x operand: its stage's x, or (off the diagonal) the same zeros every step.
-  const char* x_read = local + (diag ? my_x : kStages * St::kBytes);
-  const int x_stride = diag ? St::kBytes : 0;
   // The stored scales go through registers, a ring of kStages loaded as far ahead as the stages.
   uint32_t sc0[kStages], sc1[kStages];
   // Step `s` of this item into stage `i` (s's copies are one commit group; x only by lanes on the diagonal).
@@ -278,7 +273,12 @@ __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t 
       uint32_t u0[K], u1[K], xw[16];
       load_words<K>(reinterpret_cast<const uint32_t*>(stage + my_w0), u0);
       load_words<K>(reinterpret_cast<const uint32_t*>(stage + my_w1), u1);
-      read_x(reinterpret_cast<const uint4*>(x_read + i * x_stride), xw);
+      if (diag) {  // lanes off the diagonal load nothing: a predicated-off lane costs no wavefront
+        read_x(reinterpret_cast<const uint4*>(stage + my_x), xw);
+      } else {
+#pragma unroll
+        for (int v = 0; v < 16; ++v) xw[v] = 0u;
+      }
       compute_step<kBf16, K, M, kE4M4>(u0, u1, sc0[i], sc1[i], xw, true, a.fmt, t, pair_offset, scale_offset,
                                        acc);
       // The stage is free once its words are in registers and used (the mmas above consumed them).
@@ -343,9 +343,6 @@ __global__ void __launch_bounds__(kGvThreads, 1)
   if (buffer + kBuf > base + kSize) __trap();  // impossible by gemv_smem_bytes' arithmetic
   build_gemv_tables<kBf16, K>(a.codebook, a.fmt, t, gv_smem + (tables - base) / 16);
   const char* local = reinterpret_cast<const char*>(gv_smem) + (buffer - base);
-  if (lane < kZeroBytes / 16) {
-    reinterpret_cast<uint4*>(const_cast<char*>(local) + kBuf - kZeroBytes)[lane] = make_uint4(0, 0, 0, 0);
-  }
   __syncthreads();
   for (int64_t item = static_cast<int64_t>(blockIdx.x) * kGvWarps + warp; item < tiles * splits;
        item += static_cast<int64_t>(gridDim.x) * kGvWarps) {
