@@ -153,8 +153,9 @@ __device__ __forceinline__ uint2 load_shared_u64(uint32_t address) {
 
 // kContiguous (rows of whole blocks): block b is elements [32b, 32b + 32) of the flat array.
 //
-// Per tile of 32 blocks the warp loads element `lane` of each block, reduces each block's max across the
-// lanes, and lane i computes block i's scale (stored, decoded, its reciprocal) once. Then, on the shortcut
+// Per tile of 32 blocks the warp loads element `lane` of each block; lane i finds block i's max (reading the
+// block again with 16-byte loads where rows are whole blocks, else by a reduction across the lanes) and
+// computes its scale (stored, decoded, its reciprocal) once. Then, on the shortcut
 // of kbit_quantize_fast.h, each element costs a multiply and two fmas for its exact quotient and one
 // shared-memory lookup for its code. The bucket table is replicated per lane (lane l reads column l), so
 // its lookups never conflict on a bank whatever the data.
