@@ -37,6 +37,11 @@ def kernels(path: str) -> dict[str, list[str]]:
     text = subprocess.run(
         [find_cuobjdump(), "-sass", path], check=True, capture_output=True, text=True
     ).stdout
+    return parse_sass(text)
+
+
+def parse_sass(text: str) -> dict[str, list[str]]:
+    """cuobjdump -sass output -> {kernel: instructions}."""
     out: dict[str, list[str]] = {}
     current = None
     for line in text.splitlines():
@@ -64,13 +69,19 @@ def main() -> None:
         common = ", ".join(f"{op} {n}" for op, n in collections.Counter(ops).most_common(args.top))
         print(f"{name}\n  {len(ops)} instructions; {common}")
         if args.marker:
-            at = [i for i, op in enumerate(ops) if op.startswith(args.marker)]
-            if len(at) >= 4:
-                # The compiler interleaves neighbouring iterations, so single spans vary: the mean over the
-                # middle half of the markers is the per-iteration cost of an unrolled loop.
-                lo, hi = len(at) // 4, 3 * len(at) // 4
-                mean = (at[hi] - at[lo]) / (hi - lo)
-                print(f"  {len(at)} x {args.marker}; {mean:.1f} instructions per marker (middle half)")
+            count, mean = marker_spacing(ops, args.marker)
+            if mean is not None:
+                print(f"  {count} x {args.marker}; {mean:.1f} instructions per marker (middle half)")
+
+
+def marker_spacing(ops: list[str], marker: str) -> tuple[int, float | None]:
+    """How many opcodes start with `marker`, and their mean distance over the middle half of them (the
+    compiler interleaves neighbouring iterations of an unrolled loop, so single spans vary)."""
+    at = [i for i, op in enumerate(ops) if op.startswith(marker)]
+    if len(at) < 4:
+        return len(at), None
+    lo, hi = len(at) // 4, 3 * len(at) // 4
+    return len(at), (at[hi] - at[lo]) / (hi - lo)
 
 
 if __name__ == "__main__":
