@@ -113,7 +113,7 @@ KBIT_HD BucketEntry bucket_entry(const CodeSearch& cs, int j) {
     if (b == j) tau = cs.tau[i];
   }
   const int lo = cs.identity ? below : cs.label[below];
-  const int hi = tau == tau && is_finite(tau) ? (cs.identity ? below + 1 : cs.label[below + 1]) : lo;
+  const int hi = is_finite(tau) ? (cs.identity ? below + 1 : cs.label[below + 1]) : lo;
   return {tau, static_cast<uint32_t>(lo) | static_cast<uint32_t>(hi) << 16};
 }
 

@@ -29,8 +29,6 @@ void fail(const char* what, float a, float b, float got, float want) {
   }
 }
 
-uint32_t bits(float f) { return f32_to_bits(f); }
-
 // A float with a random mantissa and an exponent in [lo, hi], random sign; a quarter of the mantissas are
 // all-ones or all-zeros patterns near the binade edges, where reciprocal and division roundings are hardest.
 float random_float(std::mt19937_64& g, int lo, int hi, bool sign = true) {
@@ -59,7 +57,7 @@ void check_division(uint64_t n, std::mt19937_64& g) {
       const float q = random_float(g, -40, 0);
       x = s * q;
       const int nudge = static_cast<int>(g() % 5) - 2;
-      x = bits_to_f32(bits(x) + static_cast<uint32_t>(nudge));
+      x = bits_to_f32(f32_to_bits(x) + static_cast<uint32_t>(nudge));
       if (!std::isfinite(x) || x == 0.0f) continue;
     } else {
       // Tiny quotients, down to subnormal x.
@@ -71,7 +69,7 @@ void check_division(uint64_t n, std::mt19937_64& g) {
     if (std::fabs(want) >= 0x1p-40f) {
       if (std::fabs(want) > 2.0f) continue;
       ++exact;
-      if (bits(got) != bits(want)) fail("division", x, s, got, want);
+      if (f32_to_bits(got) != f32_to_bits(want)) fail("division", x, s, got, want);
     } else {
       ++tiny;
       if (!(std::fabs(got) < kTinyQuotient)) fail("tiny quotient", x, s, got, want);
@@ -117,19 +115,19 @@ void check_search(const Codebook& cb, int index, bool exhaustive, uint64_t sampl
       fail("search", xn, static_cast<float>(index), static_cast<float>(got), static_cast<float>(want));
   };
   if (exhaustive) {
-    const uint32_t top = bits(kBucketRange);
+    const uint32_t top = f32_to_bits(kBucketRange);
     for (uint32_t u = 0; u <= top; ++u) {
       one(bits_to_f32(u));
       one(bits_to_f32(u | 0x80000000u));
     }
   } else {
     for (uint64_t i = 0; i < samples; ++i) {
-      const uint32_t u = static_cast<uint32_t>(g() % (static_cast<uint64_t>(bits(kBucketRange)) + 1));
+      const uint32_t u = static_cast<uint32_t>(g() % (static_cast<uint64_t>(f32_to_bits(kBucketRange)) + 1));
       one(bits_to_f32(u | ((g() & 1) ? 0x80000000u : 0u)));
     }
     for (int i = 0; i + 1 < cs.m; ++i) {  // each threshold and its neighbours
       for (int d = -2; d <= 2; ++d) {
-        const float t = bits_to_f32(bits(cs.tau[i]) + static_cast<uint32_t>(d));
+        const float t = bits_to_f32(f32_to_bits(cs.tau[i]) + static_cast<uint32_t>(d));
         if (std::fabs(t) <= kBucketRange) one(t);
       }
     }
@@ -163,7 +161,7 @@ void check_blocks(const Codebook& cb, int index, uint64_t blocks, std::mt19937_6
       }
     }
     uint32_t amax_bits = 0;
-    for (float v : x) amax_bits = std::max(amax_bits, bits(v) & 0x7fffffffu);
+    for (float v : x) amax_bits = std::max(amax_bits, f32_to_bits(v) & 0x7fffffffu);
     const bool nonfinite = amax_bits >= 0x7f800000u;
     const float amax = bits_to_f32(amax_bits);
     const bool realistic = b % 2 == 1 && kind != 3 && amax > 0.0f;
