@@ -3,10 +3,13 @@
 // W [in, out] is stored as format v1 of its transpose ([out, in], blocks of 32 along `in`), so each
 // 32-wide slice of the reduction is one block of one output row, with one scale. The products run on the
 // tensor cores (mma.sync m16n8k16): a warp owns 16 output rows and a range of blocks; for each block it
-// rebuilds the 16x16 A fragments straight from the bit planes. For K <= 4 a rotate and a mask per plane
-// give the 2K-bit index of four pairs of adjacent codes at once, one per byte, and one shared-memory load
-// per pair returns both codebook values already packed as the fragment register wants them (the table is
-// replicated 32 times so that every lane reads its own bank: no conflicts). For K = 5 codes are rebuilt
+// rebuilds the 16x16 A fragments straight from the bit planes. For K <= 4 the reduction index inside a
+// block is permuted (a sum does not care about its order) so that lane column c owns elements 8c..8c+7:
+// its x operand is then one 16-byte load per row of x, and its weights are byte c of each bit plane, which
+// three byte permutes and a 4x4 transpose of 2-bit fields turn into the 2K-bit indices of its four pairs of
+// codes, one per byte. One shared-memory load per pair returns both codebook values already packed as the
+// fragment register wants them (the table is replicated 32 times so that every lane reads its own bank: no
+// conflicts). For K = 5 codes are rebuilt
 // one per byte and looked up with __shfl_sync from the lane that holds each codebook entry. The block's
 // float32 partial sums are multiplied by the two rows' decoded scales once per block, so no dequantized
 // weight is ever written. The reduction is split over warps when `out` alone would not fill the GPU; the
@@ -41,15 +44,30 @@ __device__ __forceinline__ void spread_codes(const uint32_t (&w)[K], int c, uint
   }
 }
 
-// Byte q (0..3) of the result indexes the pair of elements 8q + 2c and 8q + 2c + 1: bit 2j + r is bit j
-// of element r's code. Rotating plane j right by 2c - 2j brings bits 8q + 2c + r to 8q + 2j + r.
+// Byte q (0..3) of the result indexes the pair of elements 8c + 2q and 8c + 2q + 1 (bit 2j + r: bit j of
+// element r's code), all taken from byte c of the planes. Byte j of the gathered word m holds byte c of
+// plane j, so field (j, q) of m (2 bits at 8j + 2q) must move to 8q + 2j: two delta swaps transpose the 4x4
+// matrix of 2-bit fields.
 template <int K>
-__device__ __forceinline__ uint32_t pair_index(const uint32_t (&w)[K], int c) {
-  uint32_t p = 0;
-#pragma unroll
-  for (int j = 0; j < K; ++j) p |= __funnelshift_r(w[j], w[j], 2 * c - 2 * j) & (0x03030303u << (2 * j));
-  return p;
+__device__ __forceinline__ uint32_t byte_pair_index(const uint32_t (&w)[K], uint32_t sel) {
+  static_assert(K >= 2 && K <= 4, "pair indices fit a byte for K <= 4");
+  uint32_t m;
+  if constexpr (K == 4) {
+    m = __byte_perm(__byte_perm(w[0], w[1], sel), __byte_perm(w[2], w[3], sel), 0x5410);
+  } else if constexpr (K == 3) {
+    m = __byte_perm(__byte_perm(w[0], w[1], sel), w[2], 0x0010 | ((sel & 0xf0) << 4) | ((sel & 0xf0) << 8)) &
+        0x00ffffffu;
+  } else {
+    m = __byte_perm(w[0], w[1], sel) & 0xffffu;
+  }
+  uint32_t t = (m ^ (m >> 12)) & 0x0000f0f0u;
+  m ^= t ^ (t << 12);
+  t = (m ^ (m >> 6)) & 0x00cc00ccu;
+  return m ^ t ^ (t << 6);
 }
+
+// The byte_pair_index selector of lane column c: byte c of the first and of the second word.
+__device__ __forceinline__ uint32_t byte_selector(int c) { return static_cast<uint32_t>(c | ((c + 4) << 4)); }
 
 // Table entry i, replicated in words 32 i .. 32 i + 31: lane l reads word 32 i + l, always in bank l.
 __device__ __forceinline__ uint32_t pair_value(const uint32_t* table_lane, uint32_t p, int q) {
@@ -106,7 +124,7 @@ __device__ __forceinline__ void build_scale_table(ScaleFormat fmt, float t, floa
 
 // One block (32 terms of the reduction) of rows r0 = tile + g and r1 = r0 + 8 for every row tile of x: the A
 // fragments rebuilt from the K words of each row, the tensor-core products with the x words xw (for row tile
-// i and half h: the words of x columns 16 h + 2 c and 16 h + 2 c + 8 of the block), and the block's float32
+// i and half h, in the order chunk_step describes), and the block's float32
 // partial sums scaled by the rows' decoded scales s0, s1 into acc.
 template <bool kBf16, int K, int MT>
 __device__ __forceinline__ void block_step(const uint32_t (&w0)[K], const uint32_t (&w1)[K], float s0,
@@ -116,8 +134,8 @@ __device__ __forceinline__ void block_step(const uint32_t (&w0)[K], const uint32
   const int c = lane & 3;
   uint32_t e00 = 0, e01 = 0, e10 = 0, e11 = 0;
   if constexpr (kTable) {
-    e00 = pair_index<K>(w0, c);
-    e10 = pair_index<K>(w1, c);
+    e00 = byte_pair_index<K>(w0, byte_selector(c));
+    e10 = byte_pair_index<K>(w1, byte_selector(c));
   } else {
     spread_codes<K>(w0, c, e00, e01);
     spread_codes<K>(w1, c, e10, e11);
@@ -129,9 +147,9 @@ __device__ __forceinline__ void block_step(const uint32_t (&w0)[K], const uint32
   for (int h = 0; h < 2; ++h) {
     uint32_t a[4];
     if constexpr (kTable) {
-      a[0] = pair_value(table, e00, 2 * h);      // row g, k 2c, 2c+1
+      a[0] = pair_value(table, e00, 2 * h);      // row g, elements 8c + 4h, + 1
       a[1] = pair_value(table, e10, 2 * h);      // row g+8
-      a[2] = pair_value(table, e00, 2 * h + 1);  // row g, k 2c+8, 2c+9
+      a[2] = pair_value(table, e00, 2 * h + 1);  // row g, elements 8c + 4h + 2, + 3
       a[3] = pair_value(table, e10, 2 * h + 1);  // row g+8
     } else {
       a[0] = pack(lookup(entry, e00, 2 * h), lookup(entry, e01, 2 * h));
@@ -218,17 +236,27 @@ __device__ __forceinline__ void chunk_step(ScaleFormat fmt, const void* __restri
       s1[u] = P.v1 ? decode_scale(fmt, read_scale(fmt, scales, P.s1 + b + u), t) : 0.0f;
     }
   }
-  // x words: columns 16 h + 2 c (and + 8) of the block, as pairs of 16-bit values.
+  // x words, as pairs of 16-bit values, in the order of the A fragments (block_step): for K <= 4 words
+  // 4c .. 4c + 3 of the block (elements 8c .. 8c + 7, one 16-byte load); for K = 5 words c + 8h and
+  // c + 8h + 4 (columns 16h + 2c and 16h + 2c + 8).
   uint32_t xw[C][MT][2][2];
 #pragma unroll
   for (int u = 0; u < C; ++u) {
 #pragma unroll
     for (int i = 0; i < MT; ++i) {
+      if constexpr (K <= 4) {
+        const uint4 v = reinterpret_cast<const uint4*>(P.x[i])[(b + u) * (kBlock / 8) + c];
+        xw[u][i][0][0] = v.x;
+        xw[u][i][0][1] = v.y;
+        xw[u][i][1][0] = v.z;
+        xw[u][i][1][1] = v.w;
+      } else {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int64_t o = (b + u) * (kBlock / 2) + 8 * h + c;
-        xw[u][i][h][0] = P.x[i][o];
-        xw[u][i][h][1] = P.x[i][o + 4];
+        for (int h = 0; h < 2; ++h) {
+          const int64_t o = (b + u) * (kBlock / 2) + 8 * h + c;
+          xw[u][i][h][0] = P.x[i][o];
+          xw[u][i][h][1] = P.x[i][o + 4];
+        }
       }
     }
   }
@@ -357,6 +385,12 @@ ffi::Error MatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U3
                    std::to_string(L.m));
   }
   if (L.m == 0 || L.n == 0) return ffi::Error::Success();
+  // 16-byte loads of x and of the words (XLA aligns every buffer to at least 16 bytes; a caller that does
+  // not gets an error, not a misaligned-address fault).
+  if (reinterpret_cast<uintptr_t>(x.untyped_data()) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(packed.typed_data()) % 16 != 0) {
+    return invalid("the CUDA matmul needs x and the packed words 16-byte aligned");
+  }
   auto* o = static_cast<uint16_t*>(out->untyped_data());
   if (L.nb == 0) {  // an empty reduction: y = 0
     if (cudaMemsetAsync(o, 0, L.m * L.n * sizeof(uint16_t), stream) != cudaSuccess) {
