@@ -8,7 +8,9 @@
 # benchmark), decode (Llama-shaped decode tokens/s), sharded (sharded benchmark over all GPUs), bench
 # (quantize/dequantize benchmark), sanitize (compute-sanitizer memcheck + racecheck), selfcheck, cpu (the CPU
 # suite on this machine's jax), ncu (profile of the quantize/dequantize kernels), ncu_matmul (full profile of
-# the M = 1 fused matmul kernel), sass (disassembly of the CUDA module).
+# the M = 1 fused matmul kernel), ncu_src_quantize / ncu_src_matmul (every section and per-SASS-instruction
+# stall samples as CSV, of the quantize kernel / of the matmul at MATMUL_M rows, default 16), sass
+# (disassembly of the CUDA module).
 # PYTEST_ARGS: extra arguments for the tests step (e.g. --ignore a file already run on the same kernels);
 # PYTEST_K: a -k expression for it (may contain spaces).
 # Logs and results go to $OUT/logs (default bench/out/logs), packed into $OUT/logs.tgz at exit (the device tool
@@ -81,6 +83,16 @@ for s in $steps; do
       ncu --clock-control none --kernel-name regex:'matmul_kernel|gemv_kernel' --launch-skip 1 --launch-count 1 --set full \
         --import-source no python3 "$repo/bench/profile_matmul.py" >"$OUT/ncu_matmul.txt" 2>&1
       echo "ncu_matmul: rc=$? ($(grep -c 'Duration' "$OUT/ncu_matmul.txt") kernels profiled)" ;;
+    ncu_src_quantize|ncu_src_matmul)  # every section plus per-SASS-instruction stall samples (CSV) of one launch
+      if [ $s = ncu_src_quantize ]; then what=quantize_kernel; prog=("$repo/bench/profile_quantize.py")
+      else what='matmul_kernel|gemv_kernel'; prog=("$repo/bench/profile_matmul.py" --m "${MATMUL_M:-16}"); fi
+      ncu --clock-control none --kernel-name regex:"$what" --launch-skip 1 --launch-count 1 --set full \
+        --import-source no -f -o "$OUT/$s" python3 "${prog[@]}" >"$OUT/$s.log" 2>&1
+      echo "$s: rc=$?"
+      ncu -i "$OUT/$s.ncu-rep" --page details >"$OUT/$s.txt" 2>&1
+      ncu -i "$OUT/$s.ncu-rep" --page source --print-source sass --csv >"$OUT/${s}_sass.csv" 2>&1
+      echo "$s: $(wc -l <"$OUT/$s.txt") lines of details, $(wc -l <"$OUT/${s}_sass.csv") of SASS"
+      rm -f "$OUT/$s.ncu-rep" ;;
     sass)  # instruction mix of the kernels as built (cuobjdump is on the GPU machine, not here)
       so=$(python3 -c "import jax_kbit._kbit_cuda as m; print(m.__file__)" 2>/dev/null)
       cuobjdump -sass "$so" >"$OUT/sass.txt" 2>&1
