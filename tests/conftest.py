@@ -6,6 +6,10 @@ Nothing here is autouse: test modules that must run on the CPU opt in with
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import jax
 import ml_dtypes
 import numpy as np
@@ -20,6 +24,24 @@ DTYPE_IDS = {np.dtype(np.float16): "f16", BF16: "bf16", np.dtype(np.float32): "f
 SCALE_FORMATS = ("e4m4", "f16", "f32")
 KS = (2, 3, 4, 5)
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def load_bench_script(name: str):
+    """bench/NAME.py as a module (registered in sys.modules, where dataclasses look their module up, and
+    with bench/ on sys.path while it loads, for its own imports); skips where bench/ is not there."""
+    path = BENCH / f"{name}.py"
+    if not path.exists():
+        pytest.skip(f"bench/{name}.py is not next to the tests")
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    return module
 
 
 def dtype_id(dt) -> str:

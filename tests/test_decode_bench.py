@@ -5,37 +5,22 @@ Skipped when the bench folder is not next to the tests (an installed package tes
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from functools import partial
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from conftest import load_bench_script
 
 import jax_kbit as jk
 
 pytestmark = pytest.mark.usefixtures("cpu")
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-
 
 @pytest.fixture(scope="module")
 def bd():
-    path = BENCH / "bench_decode.py"
-    if not path.exists():
-        pytest.skip("bench/bench_decode.py is not next to the tests")
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_decode", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_decode"] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+    return load_bench_script("bench_decode")
 
 
 def micro(bd):

@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+from conftest import load_bench_script
 
 HEADER = (
     '"Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed",'
@@ -26,15 +21,7 @@ ROWS = [
 
 @pytest.fixture(scope="module")
 def ns():
-    path = BENCH / "ncu_source_stats.py"
-    if not path.exists():
-        pytest.skip("bench/ncu_source_stats.py is not next to the tests")
-    spec = importlib.util.spec_from_file_location("ncu_source_stats", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    return load_bench_script("ncu_source_stats")
 
 
 @pytest.fixture

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+from conftest import load_bench_script
 
 LISTING = """
 	code for sm_90
@@ -31,13 +27,7 @@ LISTING = """
 
 @pytest.fixture(scope="module")
 def ss():
-    path = BENCH / "sass_stats.py"
-    if not path.exists():
-        pytest.skip("bench/sass_stats.py is not next to the tests")
-    spec = importlib.util.spec_from_file_location("sass_stats", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("sass_stats")
 
 
 def test_parse_sass_drops_guards_and_encodings(ss):
