@@ -72,12 +72,7 @@ __device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
   }
 }
 
-__device__ __forceinline__ void store16(void* p, const uint32_t (&w)[4]) {
-  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
-               : "memory");
-}
-
-// store16 if `write`, as a predicated store: a branch around it lets the compiler re-derive the 64-bit
+// A 16-byte store if `write`, predicated: a branch around it lets the compiler re-derive the 64-bit
 // address inside the branch (a dozen instructions per store) instead of keeping it.
 __device__ __forceinline__ void store16_if(bool write, void* p, const uint32_t (&w)[4]) {
   asm volatile(
