@@ -9,12 +9,11 @@
 // three byte permutes and a 4x4 transpose of 2-bit fields turn into the 2K-bit indices of its four pairs of
 // codes, one per byte. One shared-memory load per pair returns both codebook values already packed as the
 // fragment register wants them (the table is replicated 32 times so that every lane reads its own bank: no
-// conflicts). For K = 5 codes are rebuilt
-// one per byte and looked up with __shfl_sync from the lane that holds each codebook entry. The block's
-// float32 partial sums are multiplied by the two rows' decoded scales once per block, so no dequantized
-// weight is ever written. The reduction is split over warps when `out` alone would not fill the GPU; the
-// float32 partials then go to the call's workspace (a second result) and a second kernel adds them in a fixed
-// order (deterministic, no atomics).
+// conflicts). For K = 5 codes are rebuilt one per byte and looked up with __shfl_sync from the lane that
+// holds each codebook entry. The block's float32 partial sums are multiplied by the two rows' decoded scales
+// once per block, so no dequantized weight is ever written. The reduction is split over warps when `out`
+// alone would not fill the GPU; the float32 partials then go to the call's workspace (a second result) and a
+// second kernel adds them in a fixed order (deterministic, no atomics).
 #include "cuda_common.cuh"
 #include "cuda_gemv.h"
 #include "cuda_handlers.h"
