@@ -12,7 +12,7 @@
 # stall samples as CSV, of the quantize kernel / of the matmul at MATMUL_M rows, default 16), sass
 # (disassembly of the CUDA module).
 # PYTEST_ARGS: extra arguments for the tests step (e.g. --ignore a file already run on the same kernels);
-# PYTEST_K: a -k expression for it (may contain spaces).
+# PYTEST_K: a -k expression for it (may contain spaces). KBIT_COMMIT: the commit to print (see below).
 # Logs and results go to $OUT/logs (default bench/out/logs), packed into $OUT/logs.tgz at exit (the device tool
 # brings back only a few files). DEADLINE=seconds skips the steps that would start after it.
 set -uo pipefail
@@ -30,7 +30,8 @@ steps="$*"
 [ -n "$steps" ] || steps="shard_tests tests matmul decode sharded bench sanitize selfcheck cpu ncu"
 status=0
 {
-  echo "date: $(date -u +%Y-%m-%dT%H:%MZ)  commit: $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+  # The device tool copies the working tree with a .git that may be older: KBIT_COMMIT names the real one.
+  echo "date: $(date -u +%Y-%m-%dT%H:%MZ)  commit: ${KBIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo '?')}"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
 } 2>&1 | tee "$OUT/env.txt"
