@@ -347,11 +347,9 @@ template <bool kBf16, int K, int MT>
 ffi::Error run_matmul(cudaStream_t stream, const MatmulArgs& a) {
   auto* kernel = matmul_kernel<kBf16, K, MT>;
   constexpr int smem = smem_bytes<K>();
-  int per_sm = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kMmThreads, smem) != cudaSuccess ||
-      per_sm < 1) {
-    return launch_error("matmul occupancy query");
-  }
+  static DeviceCache cache{};
+  const int per_sm = occupancy(cache, kernel, kMmThreads, smem);
+  if (per_sm < 1) return launch_error("matmul occupancy query");
   const int64_t sms = sm_count() > 0 ? sm_count() : 132;
   const int64_t resident_warps = sms * per_sm * kMmWarps;
   const int64_t tiles = (a.n + 15) / 16;

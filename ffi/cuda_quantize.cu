@@ -278,7 +278,8 @@ template <typename In, int K, bool kContiguous>
 void launch_quantize_kernel(cudaStream_t stream, const Layout& L, const typename In::Storage* x,
                             const float* cb, const float* ts, uint32_t* packed, void* scales) {
   // One wave of CTAs (each builds the code tables once per group, then loops over tiles).
-  static const int per_sm = resident_ctas(quantize_kernel<In, K, kContiguous>);
+  static DeviceCache cache{};
+  const int per_sm = resident_ctas(cache, quantize_kernel<In, K, kContiguous>);
   const int64_t bpg = L.rows_per_group * L.nb;
   const dim3 grid = grid_for((bpg + 31) / 32, L.groups, per_sm);
   quantize_kernel<In, K, kContiguous><<<grid, kThreads, 0, stream>>>(
