@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <string>
 #include <type_traits>
@@ -40,25 +41,59 @@ __device__ __forceinline__ uint32_t read_scale(ScaleFormat f, const void* scales
   return static_cast<const uint32_t*>(scales)[i];
 }
 
-inline int sm_count() {
-  int device = 0, count = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-    return 0;
+// Host queries whose answers do not change while the process runs (device attributes, a kernel's occupancy)
+// cost microseconds per call, as long as a batch-1 matmul kernel; each answer is kept per device ordinal.
+// A query returns a positive value, or 0 on failure (not kept: asked again next time).
+constexpr int kCachedDevices = 64;
+using DeviceCache = std::atomic<int>[kCachedDevices];
+
+template <typename Query>
+int per_device(DeviceCache& cache, Query query) {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kCachedDevices) return query();
+  int v = cache[device].load(std::memory_order_relaxed);
+  if (v <= 0) {
+    v = query();
+    if (v > 0) cache[device].store(v, std::memory_order_relaxed);
   }
-  return count;
+  return v;
+}
+
+inline int sm_count() {
+  static DeviceCache cache{};
+  return per_device(cache, [] {
+    int device = 0, count = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      return 0;
+    }
+    return count;
+  });
+}
+
+// CTAs of `kernel` (`threads` threads, `smem` bytes of dynamic shared memory) that fit on one SM at once,
+// kept in `cache` (one per kernel: kernels of one signature share this template's instantiation); above
+// 48 KB the kernel is first opted in to that much shared memory, on each device. 0 if a query fails.
+template <typename Kernel>
+int occupancy(DeviceCache& cache, Kernel kernel, int threads, int smem) {
+  return per_device(cache, [&] {
+    if (smem > 48 * 1024 &&
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) {
+      return 0;
+    }
+    int per_sm = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem) != cudaSuccess)
+      return 0;
+    return per_sm;
+  });
 }
 
 // CTAs of `kernel` (kThreads threads, no dynamic shared memory) that fit on one SM at once; 8 if the query
 // fails (the launch then reports any real problem).
 template <typename Kernel>
-int resident_ctas(Kernel kernel) {
-  int per_sm = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0) != cudaSuccess ||
-      per_sm < 1) {
-    return 8;
-  }
-  return per_sm;
+int resident_ctas(DeviceCache& cache, Kernel kernel) {
+  const int per_sm = occupancy(cache, kernel, kThreads, 0);
+  return per_sm > 0 ? per_sm : 8;
 }
 
 // Blocks of one group are contiguous (rows [g * rows_per_group, (g + 1) * rows_per_group) times nb blocks).

@@ -354,15 +354,9 @@ template <bool kBf16, int K, int M, bool kE4M4>
 ffi::Error launch_gemv(cudaStream_t stream, const MatmulArgs& a) {
   auto* kernel = gemv_kernel<kBf16, K, M, kE4M4>;
   constexpr int kGvSmem = gemv_smem_bytes(K, M);
-  // Above 48 KB of dynamic shared memory a kernel must opt in (once per kernel; idempotent).
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kGvSmem) != cudaSuccess) {
-    return launch_error("gemv shared memory attribute");
-  }
-  int per_sm = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kGvThreads, kGvSmem) != cudaSuccess ||
-      per_sm < 1) {
-    return launch_error("gemv occupancy query");
-  }
+  static DeviceCache cache{};
+  const int per_sm = occupancy(cache, kernel, kGvThreads, kGvSmem);  // opts in to kGvSmem (> 48 KB) first
+  if (per_sm < 1) return launch_error("gemv shared memory attribute or occupancy query");
   const int64_t sms = sm_count() > 0 ? sm_count() : 132;
   const int64_t resident_warps = sms * per_sm * kGvWarps;
   const int64_t tiles = (a.n + 15) / 16;
@@ -382,10 +376,16 @@ ffi::Error launch_gemv(cudaStream_t stream, const MatmulArgs& a) {
 
 bool gemv_supported(int k, int64_t m) {
   if (k < 2 || k > 4 || m < 1 || m > 2) return false;
-  int device = 0, optin = 0;
-  return cudaGetDevice(&device) == cudaSuccess &&
-         cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess &&
-         optin >= gemv_smem_bytes(k, static_cast<int>(m));
+  static DeviceCache cache{};
+  const int optin = per_device(cache, [] {
+    int device = 0, bytes = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+      return 0;
+    }
+    return bytes;
+  });
+  return optin >= gemv_smem_bytes(k, static_cast<int>(m));
 }
 
 ffi::Error run_gemv(cudaStream_t stream, const MatmulArgs& a, bool bf16, int k) {

@@ -169,11 +169,9 @@ struct TArgs {
 template <bool kBf16, int K, int MT>
 ffi::Error run_matmul_t(cudaStream_t stream, const TArgs& a) {
   auto* kernel = matmul_t_kernel<kBf16, K, MT>;
-  int per_sm = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kTThreads, 0) != cudaSuccess ||
-      per_sm < 1) {
-    return launch_error("transposed matmul occupancy query");
-  }
+  static DeviceCache cache{};
+  const int per_sm = occupancy(cache, kernel, kTThreads, 0);
+  if (per_sm < 1) return launch_error("transposed matmul occupancy query");
   const int64_t sms = sm_count() > 0 ? sm_count() : 132;
   const int64_t resident_warps = sms * per_sm * kTWarps;
   constexpr int64_t kStep = 16 * kTChunk;
