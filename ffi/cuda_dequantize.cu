@@ -73,10 +73,11 @@ __device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
 }
 
 // A 16-byte store if `write`, predicated: a branch around it lets the compiler re-derive the 64-bit
-// address inside the branch (a dozen instructions per store) instead of keeping it.
+// address inside the branch (a dozen instructions per store) instead of keeping it. Streaming (.cs,
+// evict-first): the output is written once and, at the sizes where bandwidth matters, far larger than L2.
 __device__ __forceinline__ void store16_if(bool write, void* p, const uint32_t (&w)[4]) {
   asm volatile(
-      "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %5, 0;\n\t@p st.global.v4.u32 [%0], {%1, %2, %3, %4};\n\t}" ::"l"(
+      "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %5, 0;\n\t@p st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};\n\t}" ::"l"(
           p),
       "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3]), "r"(static_cast<int>(write))
       : "memory");
