@@ -32,16 +32,35 @@ __device__ __forceinline__ uint32_t exact_code(float x, float s, const CodeSearc
   return static_cast<uint32_t>(nearest_code_slow<K>(xn, cs.sorted));
 }
 
-// Stores block i's K plane words (lanes 0..K-1 each store one).
+// Ballot of (x & bit) != 0. Written as C++ the test becomes shift, mask and compare-with-1 before the vote;
+// in PTX it is one and + setp, which ptxas turns into a single LOP3 writing the predicate.
+template <uint32_t kBit>
+__device__ __forceinline__ uint32_t ballot_bit(uint32_t x) {
+  uint32_t r;
+  asm("{\n\t.reg .pred p;\n\t.reg .b32 t;\n\tand.b32 t, %1, %2;\n\tsetp.ne.b32 p, t, 0;\n\t"
+      "vote.sync.ballot.b32 %0, p, 0xffffffff;\n\t}"
+      : "=r"(r)
+      : "r"(x), "n"(kBit));
+  return r;
+}
+
+template <int K, int J = 0>
+__device__ __forceinline__ void ballot_planes(uint32_t code, uint32_t (&w)[K]) {
+  if constexpr (J < K) {
+    w[J] = ballot_bit<1u << J>(code);
+    ballot_planes<K, J + 1>(code, w);
+  }
+}
+
+// Stores a block's K plane words (lanes 0..K-1 each store one).
 template <int K>
-__device__ __forceinline__ void store_planes(uint32_t code, int lane, bool valid, uint32_t* block_words) {
+__device__ __forceinline__ void store_planes(uint32_t code, int lane, uint32_t* block_words) {
+  uint32_t w[K];
+  ballot_planes<K>(code, w);
   uint32_t mine = 0;
 #pragma unroll
-  for (int j = 0; j < K; ++j) {
-    const uint32_t plane = __ballot_sync(kFull, (code >> j) & 1u);
-    mine = lane == j ? plane : mine;
-  }
-  if (lane < K && valid) block_words[lane] = mine;
+  for (int j = 0; j < K; ++j) mine = lane == j ? w[j] : mine;
+  if (lane < K) block_words[lane] = mine;
 }
 
 // Stores words [J, K) of a block's K plane words, from one lane, at p (word offset o from a 16-byte
@@ -89,32 +108,12 @@ __device__ __noinline__ void quantize_tile_exact(const typename In::Storage* __r
       v = col < d ? In::load(x[row * d + col]) : 0.0f;
     }
     const float s = __shfl_sync(kFull, my_s, i);
-    store_planes<K>(exact_code<K>(v, s, cs), lane, true, packed + blk * K);
+    store_planes<K>(exact_code<K>(v, s, cs), lane, packed + blk * K);
   }
 }
 
 __device__ __forceinline__ uint32_t shared_address(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// Ballot of (x & bit) != 0. Written as C++ the test becomes shift, mask and compare-with-1 before the vote;
-// in PTX it is one and + setp, which ptxas turns into a single LOP3 writing the predicate.
-template <uint32_t kBit>
-__device__ __forceinline__ uint32_t ballot_bit(uint32_t x) {
-  uint32_t r;
-  asm("{\n\t.reg .pred p;\n\t.reg .b32 t;\n\tand.b32 t, %1, %2;\n\tsetp.ne.b32 p, t, 0;\n\t"
-      "vote.sync.ballot.b32 %0, p, 0xffffffff;\n\t}"
-      : "=r"(r)
-      : "r"(x), "n"(kBit));
-  return r;
-}
-
-template <int K, int J = 0>
-__device__ __forceinline__ void ballot_planes(uint32_t code, uint32_t (&w)[K]) {
-  if constexpr (J < K) {
-    w[J] = ballot_bit<1u << J>(code);
-    ballot_planes<K, J + 1>(code, w);
-  }
 }
 
 // Bits of the largest |x| of one block (32 elements at a 16-byte aligned address) as float32, read with
