@@ -5,7 +5,8 @@
 #   bash bench/gpu_check.sh tests sharded   only these steps (after the build)
 # Steps: shard_tests (tests/test_sharding.py on every GPU of the machine), tests (every other `gpu`-marked
 # test), matmul (fused matmul
-# benchmark), decode (Llama-shaped decode tokens/s), sharded (sharded benchmark over all GPUs), bench
+# benchmark), decode (Llama-shaped decode tokens/s), profile_decode (a decode step's kernel time by kind
+# against its wall time, from a jax.profiler trace), sharded (sharded benchmark over all GPUs), bench
 # (quantize/dequantize benchmark), sanitize (compute-sanitizer memcheck + racecheck), selfcheck, cpu (the CPU
 # suite on this machine's jax), ncu (profile of the quantize/dequantize kernels), ncu_matmul (full profile of
 # the M = 1 fused matmul kernel), ncu_src_quantize / ncu_src_matmul (every section and per-SASS-instruction
@@ -64,6 +65,7 @@ for s in $steps; do
     shard_tests) TAIL=8 step shard_tests python3 -m pytest -q -p no:cacheprovider -m gpu "$repo/tests/test_sharding.py" ;;
     matmul) TAIL=70 step bench_matmul python3 "$repo/bench/bench_matmul.py" --out "$OUT" ${quick:+--quick} ;;
     decode) [ -f "$repo/bench/bench_decode.py" ] && step bench_decode python3 "$repo/bench/bench_decode.py" --out "$OUT" ${quick:+--quick} ;;
+    profile_decode) TAIL=60 step profile_decode python3 "$repo/bench/profile_decode.py" ;;
     sharded) TAIL=20 step bench_sharded python3 "$repo/bench/bench_sharded.py" --out "$OUT" ${quick:+--ks 4} ;;
     bench) step bench python3 "$repo/bench/bench_gpu.py" --out "$OUT" ${quick:+--quick} ;;
     sanitize)
