@@ -324,7 +324,8 @@ __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t 
   }
 }
 
-// Persistent CTAs: each builds its tables once, then its warps take (tile, split) items in turn.
+// Persistent CTAs: each builds its tables once, then its warps take (tile, split) items in turn: item
+// w * gridDim.x + blockIdx.x is warp w's first.
 template <bool kBf16, int K, int M, bool kE4M4>
 __global__ void __launch_bounds__(kGvThreads, 1)
     gemv_kernel(MatmulArgs a, int64_t tiles, int64_t splits, int64_t per_split, float* __restrict__ partial) {
@@ -344,7 +345,7 @@ __global__ void __launch_bounds__(kGvThreads, 1)
   build_gemv_tables<kBf16, K>(a.codebook, a.fmt, t, gv_smem + (tables - base) / 16);
   const char* local = reinterpret_cast<const char*>(gv_smem) + (buffer - base);
   __syncthreads();
-  for (int64_t item = static_cast<int64_t>(blockIdx.x) * kGvWarps + warp; item < tiles * splits;
+  for (int64_t item = static_cast<int64_t>(warp) * gridDim.x + blockIdx.x; item < tiles * splits;
        item += static_cast<int64_t>(gridDim.x) * kGvWarps) {
     gemv_item<kBf16, K, M, kE4M4>(a, t, tiles, splits, per_split, partial, item, lane, tables, buffer, local);
   }
@@ -365,8 +366,9 @@ ffi::Error launch_gemv(cudaStream_t stream, const MatmulArgs& a) {
       choose_split(a.nb, tiles, resident_warps, 2 * kStep, splits_that_fit(a.workspace_floats, count));
   float* partial = splits > 1 ? a.workspace : nullptr;
   const int64_t items = tiles * splits;
-  const unsigned ctas =
-      static_cast<unsigned>(std::min<int64_t>((items + kGvWarps - 1) / kGvWarps, sms * per_sm));
+  // Items go round the CTAs (item i to CTA i % ctas), so that a small product (a decode layer: a few
+  // hundred items) runs on every SM rather than packed 24 to an SM on a few of them.
+  const unsigned ctas = static_cast<unsigned>(std::min<int64_t>(items, sms * per_sm));
   kernel<<<ctas, kGvThreads, kGvSmem, stream>>>(a, tiles, splits, per_split, partial);
   launch_sum_splits<kBf16>(stream, partial, splits, count, a.out);
   return launch_error("gemv");
