@@ -413,8 +413,20 @@ def test_gpu_scale_formats_large_and_deterministic(rng, scale_format):
 def test_gpu_decode_kernel(rng, m, scale_format):
     # One or two rows at K <= 4 take the block-diagonal kernel (ffi/cuda_gemv.cu): four blocks per step, so
     # sizes around multiples of 4 blocks (a lone partial step, one step plus a tail), a partial tile of 16
-    # rows, split reductions, non-finite blocks and inputs, and the same bits on a second call.
-    shapes = ((32, 1), (96, 40), (160, 17), (256, 16), (4000, 50), (8192, 64), (1000, 300))
+    # rows, split reductions, more work items than resident warps (51200 and 52000 outputs: some warps
+    # take a second item), non-finite blocks and inputs, and the same bits on a second call. At K = 3,
+    # in = 256 and 8192 (block counts divisible by 4) take the 16-byte weight copies, the others do not.
+    shapes = (
+        (32, 1),
+        (96, 40),
+        (160, 17),
+        (256, 16),
+        (4000, 50),
+        (8192, 64),
+        (1000, 300),
+        (32, 51200),
+        (72, 52000),
+    )
     for k in (2, 3, 4):
         for dtype in (np.float16, BF16):
             for din, dout in shapes:
