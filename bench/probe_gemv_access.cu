@@ -1,7 +1,7 @@
 // A probe, not part of the library: how fast can a batch-1 matmul kernel *read* k-bit weights, depending on
-// how they are laid out and walked? It reads the bytes the fused kernel reads (K = 4: 16 bytes per block of 32
-// weights), with the same grid (one 768-thread CTA per SM, warps taking (16-row tile, split) items), and does
-// nothing with them but XOR them together, so the figures are the memory ceiling of each access pattern:
+// how they are laid out and walked? It reads the bytes the fused kernel reads (K = 4: 16 bytes per block of
+// 32 weights), with the same grid (one 768-thread CTA per SM, warps taking (16-row tile, split) items), and
+// does nothing with them but XOR them together, so the figures are the memory ceiling of each access pattern:
 //   rows64   format v1 rows, a warp step = 16 rows x 4 blocks (64 bytes per row): what cuda_gemv.cu reads
 //   rows128  format v1 rows, a warp step = 16 rows x 8 blocks (a whole 128-byte line per row)
 //   tiled    the same words stored tile by tile, so a warp's whole item is one contiguous run of memory
@@ -13,13 +13,13 @@
 #include <cstdio>
 #include <cstdlib>
 
-#define CHECK(x)                                                                     \
-  do {                                                                               \
-    cudaError_t e_ = (x);                                                            \
-    if (e_ != cudaSuccess) {                                                         \
+#define CHECK(x)                                                                      \
+  do {                                                                                \
+    cudaError_t e_ = (x);                                                             \
+    if (e_ != cudaSuccess) {                                                          \
       std::fprintf(stderr, "%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e_)); \
-      std::exit(1);                                                                  \
-    }                                                                                \
+      std::exit(1);                                                                   \
+    }                                                                                 \
   } while (0)
 
 constexpr int kWarps = 24;
@@ -38,8 +38,8 @@ __device__ __forceinline__ uint32_t fold(uint4 v) { return v.x ^ v.y ^ v.z ^ v.w
 // w: n rows of nb 16-byte blocks (row-major) for kMode 0 / 1; for kMode 2 the same bytes tile-major:
 // tile t, then step s (4 blocks), then 32 lanes x 2 pieces (row r0's block, row r1's block).
 template <int kMode>
-__global__ void __launch_bounds__(kThreads, 1)
-    probe(const uint4* __restrict__ w, int64_t n, int64_t nb, int64_t splits, int64_t per_split, uint32_t* out) {
+__global__ void __launch_bounds__(kThreads, 1) probe(const uint4* __restrict__ w, int64_t n, int64_t nb,
+                                                     int64_t splits, int64_t per_split, uint32_t* out) {
   const int lane = threadIdx.x & 31;
   const int g = lane >> 2, c = lane & 3;
   const int64_t tiles = n / 16;
@@ -94,7 +94,8 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // The split of cuda_mma.cuh's choose_split (chunk: 16 blocks here, the probe's unit of work).
-static void choose(int64_t nb, int64_t tiles, int64_t resident, int64_t chunk, int64_t* splits, int64_t* per) {
+static void choose(int64_t nb, int64_t tiles, int64_t resident, int64_t chunk, int64_t* splits,
+                   int64_t* per) {
   int64_t best = -1;
   for (int64_t s = 1; s <= std::max<int64_t>(1, nb / (2 * chunk)); ++s) {
     const int64_t p = ((nb + s - 1) / s + chunk - 1) / chunk * chunk;
