@@ -144,19 +144,6 @@ __device__ __forceinline__ uint32_t block_amax_bits(const typename In::Storage* 
   }
 }
 
-// Asks L2 for the 128-byte line at p (no register, no wait; a hint the memory system may drop).
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-}
-
-// Lane l asks for line l of the bytes [begin, end): a warp covers 4 KB, one tile of float32 (2 KB of 16-bit
-// input). The next tile of a warp is a full tile's compute away (about 9,000 cycles on the H200, ncu), so
-// its loads then find L2 instead of waiting on DRAM (long-scoreboard stalls were 22 % of the samples).
-__device__ __forceinline__ void prefetch_range(const char* begin, const char* end, int lane) {
-  const char* p = begin + static_cast<int64_t>(lane) * 128;
-  if (p < end) prefetch_l2(p);
-}
-
 __device__ __forceinline__ uint2 load_shared_u64(uint32_t address) {
   uint2 v;
   asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(address));
@@ -212,15 +199,6 @@ __global__ void __launch_bounds__(kThreads, 4)
          chunk += static_cast<int64_t>(gridDim.x) * kWarps) {
       const int64_t base = g * blocks_per_group + chunk * 32;
       const int valid_blocks = static_cast<int>(end - base < 32 ? end - base : 32);
-      if constexpr (kContiguous) {  // the warp's next tile in this group (rows of whole blocks: one range)
-        const int64_t next = chunk + static_cast<int64_t>(gridDim.x) * kWarps;
-        if (next < chunks) {
-          const int64_t next_base = g * blocks_per_group + next * 32;
-          const int64_t next_end = end - next_base < 32 ? end : next_base + 32;
-          prefetch_range(reinterpret_cast<const char*>(x + next_base * kBlock),
-                         reinterpret_cast<const char*>(x + next_end * kBlock), lane);
-        }
-      }
       float v[32];
       if constexpr (kContiguous) {
         const typename In::Storage* xp = x + base * kBlock + lane;
