@@ -105,19 +105,19 @@ __device__ __forceinline__ void compute_step(const uint32_t (&w0)[K], const uint
   uint32_t q0[4], q1[4];
   pair_indices<K>(w0, q0);
   pair_indices<K>(w1, q1);
+  // Mma j takes the block's elements 4j .. 4j + 3: x words 2j and 2j + 1, which read_x leaves in adjacent
+  // registers, as the B operand needs them (no register moves); the same elements' pairs on the A side are
+  // byte j / 2 of q[2 (j & 1)] and q[2 (j & 1) + 1].
 #pragma unroll
-  for (int c0 = 0; c0 < 4; ++c0) {
-    const uint32_t p0 = q0[c0];
-    const uint32_t p1 = q1[c0];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      uint32_t a[4];
-      a[0] = row_lookup(p0, pair_offset, 2 * h);      // row r0, elements 16h + 2c0 (+1)
-      a[1] = row_lookup(p1, pair_offset, 2 * h);      // row r1
-      a[2] = row_lookup(p0, pair_offset, 2 * h + 1);  // row r0, elements 16h + 8 + 2c0 (+1)
-      a[3] = row_lookup(p1, pair_offset, 2 * h + 1);  // row r1
-      mma_16816<kBf16>(part, a, xw[8 * h + c0], xw[8 * h + 4 + c0]);
-    }
+  for (int j = 0; j < 8; ++j) {
+    const int byte = j >> 1;
+    const int lo = 2 * (j & 1);
+    uint32_t a[4];
+    a[0] = row_lookup(q0[lo], pair_offset, byte);      // row r0, elements 4j, 4j + 1
+    a[1] = row_lookup(q1[lo], pair_offset, byte);      // row r1
+    a[2] = row_lookup(q0[lo + 1], pair_offset, byte);  // row r0, elements 4j + 2, 4j + 3
+    a[3] = row_lookup(q1[lo + 1], pair_offset, byte);  // row r1
+    mma_16816<kBf16>(part, a, xw[2 * j], xw[2 * j + 1]);
   }
   float s0, s1;
   if constexpr (kE4M4) {
