@@ -264,21 +264,20 @@ __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t 
     if (i < steps) issue(i);
     copy_commit();  // empty groups too: the wait below counts groups
   }
+  uint32_t xw[16];  // the x operand: x on this lane's block, or zeros off the diagonal (set once)
+#pragma unroll
+  for (int v = 0; v < 16; ++v) xw[v] = 0u;
   for (int64_t base = 0; base < steps; base += kStages) {
 #pragma unroll
     for (int i = 0; i < kStages; ++i) {
       if (base + i >= steps) break;
       copy_wait<kStages - 1>();  // step base + i has landed
       const char* stage = local + i * St::kBytes;
-      uint32_t u0[K], u1[K], xw[16];
+      uint32_t u0[K], u1[K];
       load_words<K>(reinterpret_cast<const uint32_t*>(stage + my_w0), u0);
       load_words<K>(reinterpret_cast<const uint32_t*>(stage + my_w1), u1);
-      if (diag) {  // lanes off the diagonal load nothing: a predicated-off lane costs no wavefront
-        read_x(reinterpret_cast<const uint4*>(stage + my_x), xw);
-      } else {
-#pragma unroll
-        for (int v = 0; v < 16; ++v) xw[v] = 0u;
-      }
+      // Lanes off the diagonal load nothing (a predicated-off lane costs no wavefront) and keep zeros.
+      if (diag) read_x(reinterpret_cast<const uint4*>(stage + my_x), xw);
       compute_step<kBf16, K, M, kE4M4>(u0, u1, sc0[i], sc1[i], xw, true, a.fmt, t, pair_offset, scale_offset,
                                        acc);
       // The stage is free once its words are in registers and used (the mmas above consumed them).
@@ -291,7 +290,7 @@ __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t 
   if (rest > 0) {  // a last step with blocks past `end`: those lanes read a valid block, scale 0, x zeros
     const bool valid = c < rest;
     const int64_t b = valid ? begin + steps * kStep + c : end - 1;
-    uint32_t u0[K], u1[K], xw[16];
+    uint32_t u0[K], u1[K], xw[16];  // (its own xw: x of a partial step is zeros past `end`)
     load_words<K>(a.packed + (r0c * a.nb + b) * K, u0);
     load_words<K>(a.packed + (r1c * a.nb + b) * K, u1);
     if (valid && diag) {
