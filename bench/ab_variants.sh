@@ -3,7 +3,8 @@
 # replace the working tree's (e.g. .variants/x/ffi/cuda_gemv.cu). Every variant is built and installed into
 # its own directory (in parallel), then bench/ab_gemv.py runs for each in turns, ROUNDS times, and the
 # medians are printed per shape with the ratio to the variant named base.
-#   VARIANTS=.variants ROUNDS=2 AB_ROWS=1 bash bench/ab_variants.sh [names...]
+# AB_DECODE=1 then runs bench/bench_decode.py --quick once per variant.
+#   VARIANTS=.variants ROUNDS=2 AB_ROWS=1 AB_DECODE=1 bash bench/ab_variants.sh [names...]
 set -uo pipefail
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
@@ -41,6 +42,15 @@ for r in $(seq 1 "${ROUNDS:-2}"); do
   done
   names="$(echo $names | awk '{for (i = NF; i > 0; i--) printf "%s ", $i}')"  # reverse the order each round
 done
+if [ -n "${AB_DECODE:-}" ]; then
+  for v in $names; do
+    [ -d "$work/inst_$v/jax_kbit" ] || continue
+    echo "--- decode: $v"
+    mkdir -p "$OUT/decode_$v"
+    PYTHONPATH="$work/inst_$v" python3 "$repo/bench/bench_decode.py" --quick --out "$OUT/decode_$v" 2>&1 |
+      grep -E "^ +(bf16|K=)" || echo "decode of $v failed"
+  done
+fi
 python3 - "$OUT/ab_gemv.jsonl" <<'EOF'
 import json, statistics, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
