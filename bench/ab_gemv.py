@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -58,12 +59,46 @@ def time_case(din: int, dout: int, k: int, rows: int) -> float:
     return timeit(run, x, qs, rounds=7) / copies
 
 
+def summarize(rows: list[dict]) -> str:
+    """Median time per variant and case over the rounds in ``rows`` (ab_gemv.jsonl records), with the ratio
+    to the variant labelled ``base`` when there is one."""
+    by: dict[str, dict[str, list[float]]] = {}
+    for r in rows:
+        for case, us in r["us"].items():
+            by.setdefault(r["label"], {}).setdefault(case, []).append(us)
+    cases = list(dict.fromkeys(c for r in rows for c in r["us"]))
+    base = by.get("base", {})
+    lines = [
+        "median us (ratio to base) over rounds: "
+        + ", ".join(f"{v} {len(next(iter(t.values())))}" for v, t in by.items()),
+        f"{'case':>16} " + " ".join(f"{v:>15}" for v in by),
+    ]
+    for c in cases:
+        cells = []
+        for times in by.values():
+            if c not in times:
+                cells.append("-")
+                continue
+            m = statistics.median(times[c])
+            ratio = f" ({m / statistics.median(base[c]):.3f})" if c in base else ""
+            cells.append(f"{m:7.2f}{ratio}")
+        lines.append(f"{c:>16} " + " ".join(f"{x:>15}" for x in cells))
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--label", required=True)
+    ap.add_argument("--summary", metavar="JSONL", help="print the medians of an ab_gemv.jsonl and exit")
+    ap.add_argument("--label")
     ap.add_argument("--rows", type=int, default=1)
     ap.add_argument("--out", default="bench/out")
     args = ap.parse_args()
+    if args.summary:
+        with open(args.summary) as f:
+            print(summarize([json.loads(line) for line in f if line.strip()]))
+        return
+    if not args.label:
+        ap.error("--label is required unless --summary is given")
     times = {f"{i}x{o} K{k}": round(time_case(i, o, k, args.rows) * 1e6, 2) for i, o, k in CASES}
     print(f"{args.label:>8} M={args.rows} " + " ".join(f"{n}={t}" for n, t in times.items()), flush=True)
     with open(Path(args.out) / "ab_gemv.jsonl", "a") as f:

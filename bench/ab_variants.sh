@@ -51,22 +51,4 @@ if [ -n "${AB_DECODE:-}" ]; then
       grep -E "^ +(bf16|K=)" || echo "decode of $v failed"
   done
 fi
-python3 - "$OUT/ab_gemv.jsonl" <<'EOF'
-import json, statistics, sys
-rows = [json.loads(line) for line in open(sys.argv[1])]
-by = {}
-for r in rows:
-    for case, us in r["us"].items():
-        by.setdefault(r["label"], {}).setdefault(case, []).append(us)
-cases = list(rows[0]["us"])
-base = by.get("base")
-print("median us (ratio to base) over rounds")
-print(f"{'case':>16} " + " ".join(f"{v:>15}" for v in by))
-for c in cases:
-    cells = []
-    for v, t in by.items():
-        m = statistics.median(t[c])
-        ratio = f" ({m / statistics.median(base[c]):.3f})" if base else ""
-        cells.append(f"{m:7.2f}{ratio}")
-    print(f"{c:>16} " + " ".join(f"{x:>15}" for x in cells))
-EOF
+python3 "$repo/bench/ab_gemv.py" --summary "$OUT/ab_gemv.jsonl"
