@@ -105,19 +105,19 @@ __device__ __forceinline__ void compute_step(const uint32_t (&w0)[K], const uint
   uint32_t q0[4], q1[4];
   pair_indices<K>(w0, q0);
   pair_indices<K>(w1, q1);
+  // Mma j takes the block's elements 4j .. 4j + 3: x words 2j and 2j + 1, which read_x leaves in adjacent
+  // registers, as the B operand needs them (no register moves); the same elements' pairs on the A side are
+  // byte j / 2 of q[2 (j & 1)] and q[2 (j & 1) + 1].
 #pragma unroll
-  for (int c0 = 0; c0 < 4; ++c0) {
-    const uint32_t p0 = q0[c0];
-    const uint32_t p1 = q1[c0];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      uint32_t a[4];
-      a[0] = row_lookup(p0, pair_offset, 2 * h);      // row r0, elements 16h + 2c0 (+1)
-      a[1] = row_lookup(p1, pair_offset, 2 * h);      // row r1
-      a[2] = row_lookup(p0, pair_offset, 2 * h + 1);  // row r0, elements 16h + 8 + 2c0 (+1)
-      a[3] = row_lookup(p1, pair_offset, 2 * h + 1);  // row r1
-      mma_16816<kBf16>(part, a, xw[8 * h + c0], xw[8 * h + 4 + c0]);
-    }
+  for (int j = 0; j < 8; ++j) {
+    const int byte = j >> 1;
+    const int lo = 2 * (j & 1);
+    uint32_t a[4];
+    a[0] = row_lookup(q0[lo], pair_offset, byte);      // row r0, elements 4j, 4j + 1
+    a[1] = row_lookup(q1[lo], pair_offset, byte);      // row r1
+    a[2] = row_lookup(q0[lo + 1], pair_offset, byte);  // row r0, elements 4j + 2, 4j + 3
+    a[3] = row_lookup(q1[lo + 1], pair_offset, byte);  // row r1
+    mma_16816<kBf16>(part, a, xw[2 * j], xw[2 * j + 1]);
   }
   float s0, s1;
   if constexpr (kE4M4) {
@@ -210,7 +210,8 @@ static_assert(kStages * Stage<4, 2>::kBytes == warp_buffer_bytes(4, 2), "warp bu
 template <bool kBf16, int K, int M, bool kE4M4>
 __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t tiles, int64_t splits,
                                           int64_t per_split, float* __restrict__ partial, int64_t item,
-                                          int lane, uint32_t tables, uint32_t buffer, const char* local) {
+                                          int lane, uint32_t tables, uint32_t buffer, const char* local,
+                                          bool wide) {
   using St = Stage<K, M>;
   const int g = lane >> 2;
   const int c = lane & 3;
@@ -245,8 +246,18 @@ __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t 
   // Step `s` of this item into stage `i` (s's copies are one commit group; x only by lanes on the diagonal).
   auto issue = [&](int i) {
     const uint32_t stage = buffer + i * St::kBytes;
-    copy_words<K>(stage + my_w0, w0);
-    copy_words<K>(stage + my_w1, w1);
+    if (K == 3 && wide) {
+      // A quad's four blocks are 48 contiguous bytes (16-byte aligned: see launch_gemv), in its lanes' order
+      // in the stage too: three 16-byte copies instead of twelve 4-byte ones. Lane c copies bytes
+      // [16c, 16c + 16) of the quad's run, which start at its own words + 4c bytes.
+      if (c < 3) {
+        copy_16_global(stage + my_w0 + 4 * c, w0 + c);
+        copy_16_global(stage + my_w1 + 4 * c, w1 + c);
+      }
+    } else {
+      copy_words<K>(stage + my_w0, w0);
+      copy_words<K>(stage + my_w1, w1);
+    }
     if (diag) {
 #pragma unroll
       for (int v = 0; v < 4; ++v) copy_16_cached(stage + my_x + 16 * v, xg + 8 * v);
@@ -264,24 +275,25 @@ __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t 
     if (i < steps) issue(i);
     copy_commit();  // empty groups too: the wait below counts groups
   }
+  uint32_t xw[16];  // the x operand: x on this lane's block, or zeros off the diagonal (set once)
+#pragma unroll
+  for (int v = 0; v < 16; ++v) xw[v] = 0u;
   for (int64_t base = 0; base < steps; base += kStages) {
 #pragma unroll
     for (int i = 0; i < kStages; ++i) {
       if (base + i >= steps) break;
-      copy_wait<kStages - 1>();  // step base + i has landed
+      copy_wait<kStages - 1>();          // step base + i has landed
+      if (K == 3 && wide) __syncwarp();  // and its quad neighbours' copies of this lane's words too
       const char* stage = local + i * St::kBytes;
-      uint32_t u0[K], u1[K], xw[16];
+      uint32_t u0[K], u1[K];
       load_words<K>(reinterpret_cast<const uint32_t*>(stage + my_w0), u0);
       load_words<K>(reinterpret_cast<const uint32_t*>(stage + my_w1), u1);
-      if (diag) {  // lanes off the diagonal load nothing: a predicated-off lane costs no wavefront
-        read_x(reinterpret_cast<const uint4*>(stage + my_x), xw);
-      } else {
-#pragma unroll
-        for (int v = 0; v < 16; ++v) xw[v] = 0u;
-      }
+      // Lanes off the diagonal load nothing (a predicated-off lane costs no wavefront) and keep zeros.
+      if (diag) read_x(reinterpret_cast<const uint4*>(stage + my_x), xw);
       compute_step<kBf16, K, M, kE4M4>(u0, u1, sc0[i], sc1[i], xw, true, a.fmt, t, pair_offset, scale_offset,
                                        acc);
       // The stage is free once its words are in registers and used (the mmas above consumed them).
+      if (K == 3 && wide) __syncwarp();  // the quad has read the stage before any lane refills it
       if (base + i + kStages < steps) issue(i);
       copy_commit();
     }
@@ -291,7 +303,7 @@ __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t 
   if (rest > 0) {  // a last step with blocks past `end`: those lanes read a valid block, scale 0, x zeros
     const bool valid = c < rest;
     const int64_t b = valid ? begin + steps * kStep + c : end - 1;
-    uint32_t u0[K], u1[K], xw[16];
+    uint32_t u0[K], u1[K], xw[16];  // (its own xw: x of a partial step is zeros past `end`)
     load_words<K>(a.packed + (r0c * a.nb + b) * K, u0);
     load_words<K>(a.packed + (r1c * a.nb + b) * K, u1);
     if (valid && diag) {
@@ -328,7 +340,8 @@ __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t 
 // w * gridDim.x + blockIdx.x is warp w's first.
 template <bool kBf16, int K, int M, bool kE4M4>
 __global__ void __launch_bounds__(kGvThreads, 1)
-    gemv_kernel(MatmulArgs a, int64_t tiles, int64_t splits, int64_t per_split, float* __restrict__ partial) {
+    gemv_kernel(MatmulArgs a, int64_t tiles, int64_t splits, int64_t per_split, float* __restrict__ partial,
+                bool wide) {
   extern __shared__ uint4 gv_smem[];
   constexpr uint32_t kSize = gemv_smem_bytes(K, M);
   constexpr uint32_t kBuf = warp_buffer_bytes(K, M);
@@ -347,7 +360,8 @@ __global__ void __launch_bounds__(kGvThreads, 1)
   __syncthreads();
   for (int64_t item = static_cast<int64_t>(warp) * gridDim.x + blockIdx.x; item < tiles * splits;
        item += static_cast<int64_t>(gridDim.x) * kGvWarps) {
-    gemv_item<kBf16, K, M, kE4M4>(a, t, tiles, splits, per_split, partial, item, lane, tables, buffer, local);
+    gemv_item<kBf16, K, M, kE4M4>(a, t, tiles, splits, per_split, partial, item, lane, tables, buffer, local,
+                                  wide);
   }
 }
 
@@ -369,7 +383,10 @@ ffi::Error launch_gemv(cudaStream_t stream, const MatmulArgs& a) {
   // Items go round the CTAs (item i to CTA i % ctas), so that a small product (a decode layer: a few
   // hundred items) runs on every SM rather than packed 24 to an SM on a few of them.
   const unsigned ctas = static_cast<unsigned>(std::min<int64_t>(items, sms * per_sm));
-  kernel<<<ctas, kGvThreads, kGvSmem, stream>>>(a, tiles, splits, per_split, partial);
+  // K = 3: a quad's blocks start 16-byte aligned when every row and split does (nb and the splits' starts
+  // multiples of 4 blocks: choose_split's parts are whole chunks of 8) and the weights do.
+  const bool wide = K == 3 && a.nb % 4 == 0 && reinterpret_cast<uintptr_t>(a.packed) % 16 == 0;
+  kernel<<<ctas, kGvThreads, kGvSmem, stream>>>(a, tiles, splits, per_split, partial, wide);
   launch_sum_splits<kBf16>(stream, partial, splits, count, a.out);
   return launch_error("gemv");
 }

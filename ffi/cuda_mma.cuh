@@ -119,15 +119,28 @@ inline Split choose_split(int64_t nb, int64_t tiles, int64_t resident_warps, int
   return best;
 }
 
-// out[i] = the sum of partial[p * count + i] over p = 0..splits-1, in that order (deterministic).
+// out[i] = the sum of partial[p * count + i] over p = 0..splits-1, in that order (deterministic). The
+// partials are loaded eight at a time before they are added: the kernel is a chain of memory latencies
+// (decode runs one per batch-1 product), and independent loads overlap theirs.
 template <bool kBf16>
 __global__ void __launch_bounds__(kThreads)
     sum_splits_kernel(const float* __restrict__ partial, int64_t splits, int64_t count,
                       uint16_t* __restrict__ out) {
+  constexpr int kBatch = 8;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < count;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
-    float s = partial[i];
-    for (int64_t p = 1; p < splits; ++p) s += partial[p * count + i];
+    float s = 0.0f;
+    for (int64_t p0 = 0; p0 < splits; p0 += kBatch) {
+      float v[kBatch];
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) v[j] = p0 + j < splits ? partial[(p0 + j) * count + i] : 0.0f;
+      asm volatile("" ::: "memory");  // every load of the batch is issued before the first add waits
+#pragma unroll
+      for (int j = 0; j < kBatch; ++j) {
+        // s starts as partial 0 itself (not 0 + partial 0, which would turn -0 into +0).
+        if (p0 + j < splits) s = p0 + j == 0 ? v[j] : s + v[j];
+      }
+    }
     out[i] = to_16<kBf16>(s);
   }
 }

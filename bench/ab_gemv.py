@@ -1,0 +1,109 @@
+"""Batch-1 ``jax_kbit.matmul`` times for A/B comparisons of kernel variants (see ``bench/ab_variants.sh``).
+
+Only the k-bit products are timed (no peers): the variants are built side by side and run in turns in one
+call, so their differences are not call-to-call noise. The shapes are the issue's M = 1 shapes and the
+layers of the 1.1 B decoder of ``bench_decode.py``; each timing chains enough distinct weight copies that
+they do not stay in L2. Prints one line per shape and appends it to ``--out``/ab_gemv.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+import jax_kbit as jk
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_gpu import timeit  # noqa: E402
+
+# (in, out, K): the issue's shapes, then the decoder's layers (q/o, k/v, gate/up, down, LM head).
+CASES = [
+    (4096, 4096, 4),
+    (8192, 8192, 2),
+    (8192, 8192, 3),
+    (8192, 8192, 4),
+    (8192, 28672, 4),
+    (28672, 8192, 4),
+    (2048, 2048, 4),
+    (2048, 512, 4),
+    (2048, 8192, 4),
+    (8192, 2048, 4),
+    (2048, 32000, 4),
+]
+L2_DEFEAT_BYTES = 120 << 20
+
+
+def time_case(din: int, dout: int, k: int, rows: int) -> float:
+    key = jax.random.key(din * 7 + dout + k)
+    w = jax.random.normal(key, (din, dout), jnp.bfloat16) * jnp.bfloat16(0.02)
+    q = jk.quantize_matrix(w, k)
+    nbytes = din * dout * (k + 0.25) / 8
+    copies = max(4, min(48, math.ceil(L2_DEFEAT_BYTES / nbytes)))
+    qs = [jax.tree.map(lambda a: jnp.array(a, copy=True), q) for _ in range(copies)]
+    x = jax.random.normal(jax.random.fold_in(key, 1), (rows, din), jnp.bfloat16)
+
+    @jax.jit
+    def run(x, qs):
+        acc = jk.matmul(x, qs[0]).astype(jnp.float32)
+        for qi in qs[1:]:
+            acc = acc + jk.matmul(x, qi).astype(jnp.float32)
+        return acc
+
+    return timeit(run, x, qs, rounds=7) / copies
+
+
+def summarize(rows: list[dict]) -> str:
+    """Median time per variant and case over the rounds in ``rows`` (ab_gemv.jsonl records), with the ratio
+    to the variant labelled ``base`` when there is one."""
+    by: dict[str, dict[str, list[float]]] = {}
+    for r in rows:
+        for case, us in r["us"].items():
+            by.setdefault(r["label"], {}).setdefault(case, []).append(us)
+    cases = list(dict.fromkeys(c for r in rows for c in r["us"]))
+    base = by.get("base", {})
+    lines = [
+        "median us (ratio to base) over rounds: "
+        + ", ".join(f"{v} {len(next(iter(t.values())))}" for v, t in by.items()),
+        f"{'case':>16} " + " ".join(f"{v:>15}" for v in by),
+    ]
+    for c in cases:
+        cells = []
+        for times in by.values():
+            if c not in times:
+                cells.append("-")
+                continue
+            m = statistics.median(times[c])
+            ratio = f" ({m / statistics.median(base[c]):.3f})" if c in base else ""
+            cells.append(f"{m:7.2f}{ratio}")
+        lines.append(f"{c:>16} " + " ".join(f"{x:>15}" for x in cells))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--summary", metavar="JSONL", help="print the medians of an ab_gemv.jsonl and exit")
+    ap.add_argument("--label")
+    ap.add_argument("--rows", type=int, default=1)
+    ap.add_argument("--out", default="bench/out")
+    args = ap.parse_args()
+    if args.summary:
+        with open(args.summary) as f:
+            print(summarize([json.loads(line) for line in f if line.strip()]))
+        return
+    if not args.label:
+        ap.error("--label is required unless --summary is given")
+    times = {f"{i}x{o} K{k}": round(time_case(i, o, k, args.rows) * 1e6, 2) for i, o, k in CASES}
+    print(f"{args.label:>8} M={args.rows} " + " ".join(f"{n}={t}" for n, t in times.items()), flush=True)
+    with open(Path(args.out) / "ab_gemv.jsonl", "a") as f:
+        f.write(json.dumps({"label": args.label, "rows": args.rows, "us": times}) + "\n")
+
+
+if __name__ == "__main__":
+    main()

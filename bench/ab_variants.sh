@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# A/B of kernel variants in one GPU call: each directory under $VARIANTS (default .variants) holds files that
+# replace the working tree's (e.g. .variants/x/ffi/cuda_gemv.cu). Every variant is built and installed into
+# its own directory (in parallel), then bench/ab_gemv.py runs for each in turns, ROUNDS times, and the
+# medians are printed per shape with the ratio to the variant named base.
+# AB_DECODE=1 then runs bench/bench_decode.py --quick once per variant.
+#   VARIANTS=.variants ROUNDS=2 AB_ROWS=1 AB_DECODE=1 bash bench/ab_variants.sh [names...]
+set -uo pipefail
+OUT=${OUT:-bench/out}
+mkdir -p "$OUT"
+repo=$PWD
+variants_dir=$repo/${VARIANTS:-.variants}
+names="$*"
+[ -n "$names" ] || names=$(ls "$variants_dir")
+n=$(echo $names | wc -w)
+jobs=$(( $(nproc) / n + 1 ))
+work=/tmp/ab
+rm -rf "$work" && mkdir -p "$work"
+echo "date: $(date -u +%Y-%m-%dT%H:%MZ)  commit: ${KBIT_COMMIT:-?}  variants: $names"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+t0=$SECONDS
+for v in $names; do
+  (
+    src=$work/src_$v
+    mkdir -p "$src"
+    tar -C "$repo" --exclude=./bench/out --exclude=./.carry --exclude=./.variants --exclude=./build \
+      --exclude=./.git -cf - . | tar -C "$src" -xf -
+    cp -r "$variants_dir/$v/." "$src/"
+    CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90 -DKBIT_CUDA=ON" CMAKE_BUILD_PARALLEL_LEVEL=$jobs \
+      python3 -m pip install -q --no-build-isolation --no-deps --target "$work/inst_$v" "$src" \
+      >"$OUT/ab_build_$v.log" 2>&1 || { echo "build of $v failed"; tail -30 "$OUT/ab_build_$v.log"; }
+  ) &
+done
+wait
+echo "builds done ($((SECONDS - t0)) s)"
+cd /tmp
+for r in $(seq 1 "${ROUNDS:-2}"); do
+  for v in $names; do
+    [ -d "$work/inst_$v/jax_kbit" ] || continue
+    PYTHONPATH="$work/inst_$v" python3 "$repo/bench/ab_gemv.py" --label "$v" --rows "${AB_ROWS:-1}" \
+      --out "$OUT" 2>"$OUT/ab_err_$v.log" || { echo "run of $v failed"; tail -5 "$OUT/ab_err_$v.log"; }
+  done
+  names="$(echo $names | awk '{for (i = NF; i > 0; i--) printf "%s ", $i}')"  # reverse the order each round
+done
+if [ -n "${AB_DECODE:-}" ]; then
+  for v in $names; do
+    [ -d "$work/inst_$v/jax_kbit" ] || continue
+    echo "--- decode: $v"
+    mkdir -p "$OUT/decode_$v"
+    PYTHONPATH="$work/inst_$v" python3 "$repo/bench/bench_decode.py" --quick --out "$OUT/decode_$v" 2>&1 |
+      grep -E "^ +(bf16|K=)" || echo "decode of $v failed"
+  done
+fi
+python3 "$repo/bench/ab_gemv.py" --summary "$OUT/ab_gemv.jsonl"
