@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # A/B of kernel variants in one GPU call: each directory under $VARIANTS (default .variants) holds files that
 # replace the working tree's (e.g. .variants/x/ffi/cuda_gemv.cu). Every variant is built and installed into
-# its own directory (in parallel), then bench/ab_gemv.py runs for each in turns, ROUNDS times, and the
-# medians are printed per shape with the ratio to the variant named base.
+# its own directory (in parallel), then bench/ab_time.py (AB_SUITE: gemv, the default, or codec) runs for
+# each in turns, ROUNDS times, and the medians are printed per case with the ratio to the variant named base.
 # AB_DECODE=1 then runs bench/bench_decode.py --quick once per variant.
-#   VARIANTS=.variants ROUNDS=2 AB_ROWS=1 AB_DECODE=1 bash bench/ab_variants.sh [names...]
+#   VARIANTS=.variants ROUNDS=2 AB_SUITE=gemv AB_ROWS=1 AB_DECODE=1 bash bench/ab_variants.sh [names...]
 set -uo pipefail
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
@@ -37,8 +37,8 @@ cd /tmp
 for r in $(seq 1 "${ROUNDS:-2}"); do
   for v in $names; do
     [ -d "$work/inst_$v/jax_kbit" ] || continue
-    PYTHONPATH="$work/inst_$v" python3 "$repo/bench/ab_gemv.py" --label "$v" --rows "${AB_ROWS:-1}" \
-      --out "$OUT" 2>"$OUT/ab_err_$v.log" || { echo "run of $v failed"; tail -5 "$OUT/ab_err_$v.log"; }
+    PYTHONPATH="$work/inst_$v" python3 "$repo/bench/ab_time.py" --label "$v" --rows "${AB_ROWS:-1}" \
+      --suite "${AB_SUITE:-gemv}" --out "$OUT" 2>>"$OUT/ab_err_$v.log" || { echo "run of $v failed"; tail -5 "$OUT/ab_err_$v.log"; }
   done
   names="$(echo $names | awk '{for (i = NF; i > 0; i--) printf "%s ", $i}')"  # reverse the order each round
 done
@@ -51,4 +51,4 @@ if [ -n "${AB_DECODE:-}" ]; then
       grep -E "^ +(bf16|K=)" || echo "decode of $v failed"
   done
 fi
-python3 "$repo/bench/ab_gemv.py" --summary "$OUT/ab_gemv.jsonl"
+python3 "$repo/bench/ab_time.py" --summary "$OUT/ab_time.jsonl"

@@ -1,4 +1,4 @@
-"""bench/ab_gemv.py: the A/B summary (medians over rounds, ratios to the variant labelled base)."""
+"""bench/ab_time.py: the A/B summary (medians over rounds, ratios to the variant labelled base)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from conftest import load_bench_script
 
 @pytest.fixture(scope="module")
 def ab():
-    return load_bench_script("ab_gemv")
+    return load_bench_script("ab_time")
 
 
 def test_summary_takes_medians_and_ratios_to_base(ab):

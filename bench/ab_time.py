@@ -1,9 +1,12 @@
-"""Batch-1 ``jax_kbit.matmul`` times for A/B comparisons of kernel variants (see ``bench/ab_variants.sh``).
+"""Kernel times for A/B comparisons of kernel variants (see ``bench/ab_variants.sh``).
 
-Only the k-bit products are timed (no peers): the variants are built side by side and run in turns in one
-call, so their differences are not call-to-call noise. The shapes are the issue's M = 1 shapes and the
-layers of the 1.1 B decoder of ``bench_decode.py``; each timing chains enough distinct weight copies that
-they do not stay in L2. Prints one line per shape and appends it to ``--out``/ab_gemv.jsonl.
+Only jax_kbit's kernels are timed (no peers): the variants are built side by side and run in turns in one
+call, so their differences are not call-to-call noise. Suites: ``gemv`` times ``jax_kbit.matmul`` with
+``--rows`` rows of x on the issue's shapes and the layers of the 1.1 B decoder of ``bench_decode.py`` (each
+timing chains enough distinct weight copies that they do not stay in L2); ``codec`` times quantize
+(explicit tensor scale) and dequantize of 2^28 elements and a read+write copy of the same float32 array (the
+ceiling, so that a variant's % of copy can be read off). Prints one line per run and appends it to
+``--out``/ab_time.jsonl.
 """
 
 from __future__ import annotations
@@ -59,8 +62,27 @@ def time_case(din: int, dout: int, k: int, rows: int) -> float:
     return timeit(run, x, qs, rounds=7) / copies
 
 
+def time_codec() -> dict[str, float]:
+    """Microseconds per call: copy, then quantize / dequantize per (dtype, K) at 2^28 elements."""
+    n = 2**28
+    x32 = jax.random.normal(jax.random.key(0), (n // 4096, 4096), jnp.float32)
+    times = {"copy f32": timeit(jax.jit(lambda x: x + 1), x32)}
+    for dtype, ks in ((jnp.bfloat16, (2, 3, 4, 5)), (jnp.float32, (4,))):
+        x = x32.astype(dtype)
+        name = jnp.dtype(dtype).name
+        for k in ks:
+            qf = jax.jit(lambda x, k=k: jk.quantize(x, k, tensor_scale=1.0))
+            q = qf(x)
+            df = jax.jit(lambda q, dtype=dtype: jk.dequantize(q, dtype))
+            times[f"quant {name} K{k}"] = timeit(qf, x)
+            times[f"deq {name} K{k}"] = timeit(df, q)
+            del q
+        del x
+    return {c: t * 1e6 for c, t in times.items()}
+
+
 def summarize(rows: list[dict]) -> str:
-    """Median time per variant and case over the rounds in ``rows`` (ab_gemv.jsonl records), with the ratio
+    """Median time per variant and case over the rounds in ``rows`` (ab_time.jsonl records), with the ratio
     to the variant labelled ``base`` when there is one."""
     by: dict[str, dict[str, list[float]]] = {}
     for r in rows:
@@ -88,8 +110,9 @@ def summarize(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--summary", metavar="JSONL", help="print the medians of an ab_gemv.jsonl and exit")
+    ap.add_argument("--summary", metavar="JSONL", help="print the medians of an ab_time.jsonl and exit")
     ap.add_argument("--label")
+    ap.add_argument("--suite", choices=("gemv", "codec"), default="gemv")
     ap.add_argument("--rows", type=int, default=1)
     ap.add_argument("--out", default="bench/out")
     args = ap.parse_args()
@@ -99,10 +122,14 @@ def main() -> None:
         return
     if not args.label:
         ap.error("--label is required unless --summary is given")
-    times = {f"{i}x{o} K{k}": round(time_case(i, o, k, args.rows) * 1e6, 2) for i, o, k in CASES}
-    print(f"{args.label:>8} M={args.rows} " + " ".join(f"{n}={t}" for n, t in times.items()), flush=True)
-    with open(Path(args.out) / "ab_gemv.jsonl", "a") as f:
-        f.write(json.dumps({"label": args.label, "rows": args.rows, "us": times}) + "\n")
+    if args.suite == "codec":
+        times = {c: round(t, 2) for c, t in time_codec().items()}
+    else:
+        times = {f"{i}x{o} K{k}": round(time_case(i, o, k, args.rows) * 1e6, 2) for i, o, k in CASES}
+    print(f"{args.label:>8} {args.suite} " + " ".join(f"{n}={t}" for n, t in times.items()), flush=True)
+    with open(Path(args.out) / "ab_time.jsonl", "a") as f:
+        record = {"label": args.label, "suite": args.suite, "rows": args.rows, "us": times}
+        f.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":
