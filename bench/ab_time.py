@@ -4,8 +4,9 @@ Only jax_kbit's kernels are timed (no peers): the variants are built side by sid
 call, so their differences are not call-to-call noise. Suites: ``gemv`` times ``jax_kbit.matmul`` with
 ``--rows`` rows of x on the issue's shapes and the layers of the 1.1 B decoder of ``bench_decode.py`` (each
 timing chains enough distinct weight copies that they do not stay in L2); ``codec`` times quantize
-(explicit tensor scale) and dequantize of 2^28 elements and a read+write copy of the same float32 array (the
-ceiling, so that a variant's % of copy can be read off). Prints one line per run and appends it to
+(explicit tensor scale) and dequantize of 2^28 elements, a read+write copy of the same float32 array (the
+ceiling, so that a variant's % of copy can be read off), a bfloat16 fill of it (write-only) and a column sum
+(read-only). Prints one line per run and appends it to
 ``--out``/ab_time.jsonl.
 """
 
@@ -66,7 +67,12 @@ def time_codec() -> dict[str, float]:
     """Microseconds per call: copy, then quantize / dequantize per (dtype, K) at 2^28 elements."""
     n = 2**28
     x32 = jax.random.normal(jax.random.key(0), (n // 4096, 4096), jnp.float32)
-    times = {"copy f32": timeit(jax.jit(lambda x: x + 1), x32)}
+    times = {
+        "copy f32": timeit(jax.jit(lambda x: x + 1), x32),
+        # Write-only and read-only ceilings (dequantize is mostly writes, quantize mostly reads).
+        "fill bf16": timeit(jax.jit(lambda x: jnp.full(x.shape, x[0, 0], jnp.bfloat16)), x32),
+        "sum f32": timeit(jax.jit(lambda x: jnp.sum(x, axis=0)), x32),
+    }
     for dtype, ks in ((jnp.bfloat16, (2, 3, 4, 5)), (jnp.float32, (4,))):
         x = x32.astype(dtype)
         name = jnp.dtype(dtype).name

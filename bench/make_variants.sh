@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Fills .variants/ for bench/ab_variants.sh from git refs: each NAME=REF becomes .variants/NAME holding the
+# files in which REF merged into main differs from HEAD (the tree the GPU call will carry), so that
+# overlaying them on HEAD gives that merge. REF may be main itself (NAME=main: main's files).
+#   bash bench/make_variants.sh base=main pdl=next-sum-splits-pdl cap1=next-gemv-split-cap1
+set -euo pipefail
+root=$(git rev-parse --show-toplevel)
+cd "$root"
+dir=${VARIANTS:-.variants}
+grep -qx "/$dir/" .git/info/exclude 2>/dev/null || echo "/$dir/" >>.git/info/exclude
+for spec in "$@"; do
+  name=${spec%%=*}
+  ref=${spec#*=}
+  if [ "$(git rev-parse "$ref")" = "$(git rev-parse main)" ]; then
+    tree=$(git rev-parse "main^{tree}")
+  else
+    tree=$(git merge-tree --write-tree main "$ref") || {
+      echo "$ref does not merge cleanly into main" >&2
+      exit 1
+    }
+  fi
+  rm -rf "${dir:?}/$name"
+  mkdir -p "$dir/$name"
+  n=0
+  while IFS=$'\t' read -r status path; do
+    if [ "$status" = D ]; then
+      echo "warning: $name deletes $path; an overlay cannot, the file stays" >&2
+      continue
+    fi
+    mkdir -p "$dir/$name/$(dirname "$path")"
+    git show "$tree:$path" >"$dir/$name/$path"
+    n=$((n + 1))
+  done < <(git diff --name-status --no-renames HEAD "$tree")
+  echo "$name: $n file(s) from $ref"
+done
