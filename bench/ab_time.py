@@ -6,8 +6,9 @@ call, so their differences are not call-to-call noise. Suites: ``gemv`` times ``
 timing chains enough distinct weight copies that they do not stay in L2); ``codec`` times quantize
 (explicit tensor scale) and dequantize of 2^28 elements, a read+write copy of the same float32 array (the
 ceiling, so that a variant's % of copy can be read off), a bfloat16 fill of it (write-only) and a column sum
-(read-only). Prints one line per run and appends it to
-``--out``/ab_time.jsonl.
+(read-only). Each run also checks the variant's
+results (products against x @ dequantize(w); quantize / dequantize bit for bit against the CPU handler) and
+prints WRONG RESULTS where they fail. Prints one line per run and appends it to ``--out``/ab_time.jsonl.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import jax_kbit as jk
 
@@ -44,7 +46,13 @@ CASES = [
 L2_DEFEAT_BYTES = 120 << 20
 
 
-def time_case(din: int, dout: int, k: int, rows: int) -> float:
+# A variant whose products differ from x @ dequantize(w) by more than this (relative, Frobenius) is broken,
+# not fast: bf16 outputs alone are within about 0.4 %.
+MAX_REL_ERR = 0.02
+
+
+def time_case(din: int, dout: int, k: int, rows: int) -> tuple[float, float]:
+    """Seconds per product, and the relative error of one product against x @ dequantize(w) in float32."""
     key = jax.random.key(din * 7 + dout + k)
     w = jax.random.normal(key, (din, dout), jnp.bfloat16) * jnp.bfloat16(0.02)
     q = jk.quantize_matrix(w, k)
@@ -52,6 +60,9 @@ def time_case(din: int, dout: int, k: int, rows: int) -> float:
     copies = max(4, min(48, math.ceil(L2_DEFEAT_BYTES / nbytes)))
     qs = [jax.tree.map(lambda a: jnp.array(a, copy=True), q) for _ in range(copies)]
     x = jax.random.normal(jax.random.fold_in(key, 1), (rows, din), jnp.bfloat16)
+    y = jk.matmul(x, q).astype(jnp.float32)
+    ref = jnp.dot(x.astype(jnp.float32), q.dequantize(jnp.float32), precision="highest")
+    err = float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
 
     @jax.jit
     def run(x, qs):
@@ -60,7 +71,30 @@ def time_case(din: int, dout: int, k: int, rows: int) -> float:
             acc = acc + jk.matmul(x, qi).astype(jnp.float32)
         return acc
 
-    return timeit(run, x, qs, rounds=7) / copies
+    return timeit(run, x, qs, rounds=7) / copies, err
+
+
+def codec_mismatches(n: int = 1 << 20) -> int:
+    """Leaves of quantize and of dequantize (K = 2..5, bf16 and f32) on the GPU that differ in any bit from
+    the CPU handler's, on n random elements with a few zero blocks and huge / tiny magnitudes."""
+    cpu = jax.devices("cpu")[0]
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(n).astype(np.float32) * np.exp2(rng.integers(-30, 30, n)).astype(np.float32)
+    x[: 64 * 32] = 0.0
+    bad = 0
+    for dtype in (jnp.bfloat16, jnp.float32):
+        xd = jnp.asarray(x).astype(dtype).reshape(-1, 1024)
+        for k in (2, 3, 4, 5):
+            on_gpu = jk.quantize(xd, k)
+            on_cpu = jk.quantize(jax.device_put(xd, cpu), k)
+            outs = [(on_gpu, on_cpu), (jk.dequantize(on_gpu, dtype), jk.dequantize(on_cpu, dtype))]
+            for a, b in outs:
+                for la, lb in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+                    bad += not np.array_equal(
+                        np.atleast_1d(np.asarray(la)).view(np.uint8),
+                        np.atleast_1d(np.asarray(lb)).view(np.uint8),
+                    )
+    return bad
 
 
 def time_codec() -> dict[str, float]:
@@ -87,6 +121,11 @@ def time_codec() -> dict[str, float]:
     return {c: t * 1e6 for c, t in times.items()}
 
 
+def check_ok(check: dict) -> bool:
+    """Whether a run's check record (see main) passed; runs without one pass."""
+    return check.get("max_rel_err", 0.0) <= MAX_REL_ERR and check.get("cpu_mismatches", 0) == 0
+
+
 def summarize(rows: list[dict]) -> str:
     """Median time per variant and case over the rounds in ``rows`` (ab_time.jsonl records), with the ratio
     to the variant labelled ``base`` when there is one."""
@@ -111,6 +150,9 @@ def summarize(rows: list[dict]) -> str:
             ratio = f" ({m / statistics.median(base[c]):.3f})" if c in base else ""
             cells.append(f"{m:7.2f}{ratio}")
         lines.append(f"{c:>16} " + " ".join(f"{x:>15}" for x in cells))
+    wrong = sorted({r["label"] for r in rows if not check_ok(r.get("check", {}))})
+    if wrong:
+        lines.append("WRONG RESULTS (see the runs' check fields) in: " + ", ".join(wrong))
     return "\n".join(lines)
 
 
@@ -129,12 +171,22 @@ def main() -> None:
     if not args.label:
         ap.error("--label is required unless --summary is given")
     if args.suite == "codec":
+        check = {"cpu_mismatches": codec_mismatches()}
         times = {c: round(t, 2) for c, t in time_codec().items()}
     else:
-        times = {f"{i}x{o} K{k}": round(time_case(i, o, k, args.rows) * 1e6, 2) for i, o, k in CASES}
-    print(f"{args.label:>8} {args.suite} " + " ".join(f"{n}={t}" for n, t in times.items()), flush=True)
+        times, errs = {}, {}
+        for i, o, k in CASES:
+            t, err = time_case(i, o, k, args.rows)
+            times[f"{i}x{o} K{k}"] = round(t * 1e6, 2)
+            errs[f"{i}x{o} K{k}"] = err
+        check = {"max_rel_err": max(errs.values())}
+    verdict = "" if check_ok(check) else f"  WRONG RESULTS: {check}"
+    print(
+        f"{args.label:>8} {args.suite} " + " ".join(f"{n}={t}" for n, t in times.items()) + verdict,
+        flush=True,
+    )
     with open(Path(args.out) / "ab_time.jsonl", "a") as f:
-        record = {"label": args.label, "suite": args.suite, "rows": args.rows, "us": times}
+        record = {"label": args.label, "suite": args.suite, "rows": args.rows, "us": times, "check": check}
         f.write(json.dumps(record) + "\n")
 
 

@@ -39,3 +39,15 @@ def test_summary_without_base_or_with_missing_cases(ab):
     assert a[1:] == ["1.50", "2.50"]  # no base: no ratios
     b = next(line for line in lines if line.split()[0] == "b").split()
     assert b[1:] == ["-", "3.00"]
+
+
+def test_summary_names_variants_whose_results_failed_their_check(ab):
+    rows = [
+        {"label": "base", "us": {"a": 1.0}, "check": {"max_rel_err": 0.004}},
+        {"label": "fast", "us": {"a": 0.5}, "check": {"max_rel_err": 0.5}},
+        {"label": "codec", "us": {"a": 0.7}, "check": {"cpu_mismatches": 2}},
+        {"label": "old", "us": {"a": 0.9}},
+    ]
+    text = ab.summarize(rows)
+    assert text.splitlines()[-1].endswith("in: codec, fast")
+    assert "WRONG" not in ab.summarize([rows[0], rows[3]])
