@@ -1,0 +1,85 @@
+"""bench/make_variants.sh: a variant directory holds the files in which a branch merged into main differs
+from HEAD, so that overlaying them on HEAD's tree gives that merge."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "make_variants.sh"
+
+
+def _git_version() -> tuple[int, ...]:
+    if shutil.which("git") is None:
+        return (0,)
+    out = subprocess.run(["git", "--version"], capture_output=True, text=True).stdout.split()[-1]
+    return tuple(int(p) for p in out.split(".")[:2] if p.isdigit())
+
+
+# git merge-tree --write-tree came with git 2.38.
+pytestmark = pytest.mark.skipif(_git_version() < (2, 38), reason="needs git >= 2.38")
+
+
+def _git(repo: Path, *args: str) -> str:
+    env = {
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    out = subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True, env=env)
+    return out.stdout
+
+
+def test_variants_from_branches(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "ffi").mkdir(parents=True)
+    _git(repo, "init", "-q", "-b", "main")
+    (repo / "ffi" / "a.cu").write_text("a main\n")
+    (repo / "ffi" / "b.cu").write_text("b main\n")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "main")
+    _git(repo, "checkout", "-qb", "feature")
+    (repo / "ffi" / "a.cu").write_text("a feature\n")
+    (repo / "ffi" / "new.h").write_text("new\n")
+    _git(repo, "commit", "-qam", "feature")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "new file")
+    _git(repo, "checkout", "-q", "main")
+    (repo / "ffi" / "b.cu").write_text("b main 2\n")  # main moves on after the branch
+    _git(repo, "commit", "-qam", "main 2")
+
+    out = subprocess.run(
+        ["bash", str(SCRIPT), "base=main", "feat=feature"],
+        cwd=repo,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert "base: 0 file(s)" in out and "feat: 2 file(s)" in out
+    feat = repo / ".variants" / "feat"
+    assert (feat / "ffi" / "a.cu").read_text() == "a feature\n"
+    assert (feat / "ffi" / "new.h").read_text() == "new\n"
+    assert not (feat / "ffi" / "b.cu").exists()  # the merge keeps main's b.cu, which HEAD already has
+    assert "/.variants/" in (repo / ".git" / "info" / "exclude").read_text()
+    assert _git(repo, "status", "--porcelain") == ""  # the variants are not part of the tree
+
+
+def test_a_branch_that_conflicts_with_main_is_refused(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q", "-b", "main")
+    (repo / "f").write_text("1\n")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "one")
+    _git(repo, "checkout", "-qb", "other")
+    (repo / "f").write_text("2\n")
+    _git(repo, "commit", "-qam", "two")
+    _git(repo, "checkout", "-q", "main")
+    (repo / "f").write_text("3\n")
+    _git(repo, "commit", "-qam", "three")
+    run = subprocess.run(["bash", str(SCRIPT), "x=other"], cwd=repo, capture_output=True, text=True)
+    assert run.returncode != 0 and "does not merge cleanly" in run.stderr
