@@ -28,6 +28,7 @@ import jax_kbit as jk
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_gpu import timeit  # noqa: E402
+from bench_matmul import _chain  # noqa: E402
 
 # (in, out, K): the shapes, then the decoder's layers (q/o, k/v, gate/up, down, LM head).
 CASES = [
@@ -63,15 +64,7 @@ def time_case(din: int, dout: int, k: int, rows: int) -> tuple[float, float]:
     y = jk.matmul(x, q).astype(jnp.float32)
     ref = jnp.dot(x.astype(jnp.float32), q.dequantize(jnp.float32), precision="highest")
     err = float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
-
-    @jax.jit
-    def run(x, qs):
-        acc = jk.matmul(x, qs[0]).astype(jnp.float32)
-        for qi in qs[1:]:
-            acc = acc + jk.matmul(x, qi).astype(jnp.float32)
-        return acc
-
-    return timeit(run, x, qs, rounds=7) / copies, err
+    return _chain(lambda x, q: jk.matmul(x, q))(x, qs), err
 
 
 def codec_mismatches(n: int = 1 << 20) -> int:

@@ -8,6 +8,8 @@
 set -uo pipefail
 OUT=${OUT:-bench/out}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # the runs below start in /tmp
+rm -f "$OUT/ab_time.jsonl"  # the summary is of this call's runs only
 repo=$PWD
 variants_dir=$repo/${VARIANTS:-.variants}
 names="$*"

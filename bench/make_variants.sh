@@ -21,6 +21,7 @@ for spec in "$@"; do
   fi
   rm -rf "${dir:?}/$name"
   mkdir -p "$dir/$name"
+  echo "$ref" >"$dir/$name/.variant"  # never an empty directory (a copy may drop those), and says its source
   n=0
   while IFS=$'\t' read -r status path; do
     if [ "$status" = D ]; then

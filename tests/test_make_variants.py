@@ -63,6 +63,8 @@ def test_variants_from_branches(tmp_path):
     feat = repo / ".variants" / "feat"
     assert (feat / "ffi" / "a.cu").read_text() == "a feature\n"
     assert (feat / "ffi" / "new.h").read_text() == "new\n"
+    assert (feat / ".variant").read_text() == "feature\n"  # its source; base is never an empty directory
+    assert (repo / ".variants" / "base" / ".variant").read_text() == "main\n"
     assert not (feat / "ffi" / "b.cu").exists()  # the merge keeps main's b.cu, which HEAD already has
     assert "/.variants/" in (repo / ".git" / "info" / "exclude").read_text()
     assert _git(repo, "status", "--porcelain") == ""  # the variants are not part of the tree
