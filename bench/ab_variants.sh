@@ -4,6 +4,7 @@
 # its own directory (in parallel), then bench/ab_time.py (AB_SUITE: gemv, the default, or codec) runs for
 # each in turns, ROUNDS times, and the medians are printed per case with the ratio to the variant named base.
 # AB_DECODE=1 then runs bench/bench_decode.py --quick once per variant.
+# AB_REUSE=1 keeps the installs of an earlier call on the same (still warm) machine and builds only the missing.
 #   VARIANTS=.variants ROUNDS=2 AB_SUITE=gemv AB_ROWS=1 AB_DECODE=1 bash bench/ab_variants.sh [names...]
 set -uo pipefail
 OUT=${OUT:-bench/out}
@@ -17,13 +18,16 @@ names="$*"
 n=$(echo $names | wc -w)
 jobs=$(( $(nproc) / n + 1 ))
 work=/tmp/ab
-rm -rf "$work" && mkdir -p "$work"
+[ -n "${AB_REUSE:-}" ] || rm -rf "$work"
+mkdir -p "$work"
 echo "date: $(date -u +%Y-%m-%dT%H:%MZ)  commit: ${KBIT_COMMIT:-?}  variants: $names"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 t0=$SECONDS
 for v in $names; do
+  [ -n "${AB_REUSE:-}" ] && [ -d "$work/inst_$v/jax_kbit" ] && continue
   (
     src=$work/src_$v
+    rm -rf "$src" "$work/inst_$v"
     mkdir -p "$src"
     tar -C "$repo" --exclude=./bench/out --exclude=./.carry --exclude=./.variants --exclude=./build \
       --exclude=./.git -cf - . | tar -C "$src" -xf -
