@@ -19,7 +19,11 @@ n=$(echo $names | wc -w)
 jobs=$(( $(nproc) / n + 1 ))
 work=/tmp/ab
 [ -n "${AB_REUSE:-}" ] || rm -rf "$work"
-mkdir -p "$work"
+logs=$work/logs  # tarred into $OUT at the end: a GPU call brings back only a few files
+rm -rf "$logs"
+mkdir -p "$logs"
+trap 'tar -C "$work" -czf "$OUT/ab_logs.tgz" logs' EXIT
+trap 'exit 143' TERM
 echo "date: $(date -u +%Y-%m-%dT%H:%MZ)  commit: ${KBIT_COMMIT:-?}  variants: $names"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 t0=$SECONDS
@@ -34,7 +38,7 @@ for v in $names; do
     cp -r "$variants_dir/$v/." "$src/"
     CMAKE_ARGS="-DCMAKE_CUDA_ARCHITECTURES=90 -DKBIT_CUDA=ON" CMAKE_BUILD_PARALLEL_LEVEL=$jobs \
       python3 -m pip install -q --no-build-isolation --no-deps --target "$work/inst_$v" "$src" \
-      >"$OUT/ab_build_$v.log" 2>&1 || { echo "build of $v failed"; tail -30 "$OUT/ab_build_$v.log"; }
+      >"$logs/build_$v.log" 2>&1 || { echo "build of $v failed"; tail -30 "$logs/build_$v.log"; }
   ) &
 done
 wait
@@ -44,7 +48,7 @@ for r in $(seq 1 "${ROUNDS:-2}"); do
   for v in $names; do
     [ -d "$work/inst_$v/jax_kbit" ] || continue
     PYTHONPATH="$work/inst_$v" python3 "$repo/bench/ab_time.py" --label "$v" --rows "${AB_ROWS:-1}" \
-      --suite "${AB_SUITE:-gemv}" --out "$OUT" 2>>"$OUT/ab_err_$v.log" || { echo "run of $v failed"; tail -5 "$OUT/ab_err_$v.log"; }
+      --suite "${AB_SUITE:-gemv}" --out "$OUT" 2>>"$logs/err_$v.log" || { echo "run of $v failed"; tail -5 "$logs/err_$v.log"; }
   done
   names="$(echo $names | awk '{for (i = NF; i > 0; i--) printf "%s ", $i}')"  # reverse the order each round
 done
@@ -52,8 +56,8 @@ if [ -n "${AB_DECODE:-}" ]; then
   for v in $names; do
     [ -d "$work/inst_$v/jax_kbit" ] || continue
     echo "--- decode: $v"
-    mkdir -p "$OUT/decode_$v"
-    PYTHONPATH="$work/inst_$v" python3 "$repo/bench/bench_decode.py" --quick --out "$OUT/decode_$v" 2>&1 |
+    mkdir -p "$logs/decode_$v"
+    PYTHONPATH="$work/inst_$v" python3 "$repo/bench/bench_decode.py" --quick --out "$logs/decode_$v" 2>&1 |
       grep -E "^ +(bf16|K=)" || echo "decode of $v failed"
   done
 fi

@@ -26,8 +26,9 @@ except ImportError:  # pragma: no cover
     jnp_format = None
 
 
-def timeit(fn, *args, rounds: int = 5, min_time: float = 0.03) -> float:
-    """Median seconds per call."""
+def timeit(fn, *args, rounds: int = 5, min_time: float = 0.03, stat=statistics.median) -> float:
+    """Seconds per call: ``stat`` (median by default) over ``rounds`` samples of about ``min_time`` each.
+    A/B runs pass ``stat=min``: other work on a shared GPU only ever adds time."""
     jax.block_until_ready(fn(*args))
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
@@ -40,7 +41,7 @@ def timeit(fn, *args, rounds: int = 5, min_time: float = 0.03) -> float:
             out = fn(*args)
         jax.block_until_ready(out)
         samples.append((time.perf_counter() - t0) / reps)
-    return statistics.median(samples)
+    return stat(samples)
 
 
 def bench_bitsandbytes(n: int, copy_bw: float) -> dict | None:

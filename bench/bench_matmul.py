@@ -38,8 +38,9 @@ def _weights(key, din, dout):
     ]
 
 
-def _chain(product):
-    """One jit over all copies: sum of the products (the sum is M x out, negligible)."""
+def _chain(product, **timeit_kw):
+    """One jit over all copies: sum of the products (the sum is M x out, negligible). ``timeit_kw`` go to
+    ``timeit``."""
 
     @jax.jit
     def run(x, ws):
@@ -48,7 +49,7 @@ def _chain(product):
             acc = acc + product(x, w).astype(jnp.float32)
         return acc
 
-    return lambda x, ws: timeit(run, x, ws) / len(ws)
+    return lambda x, ws: timeit(run, x, ws, **timeit_kw) / len(ws)
 
 
 def _torch_times(din, dout, rows, bnb_too: bool):
