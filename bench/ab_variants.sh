@@ -61,4 +61,5 @@ if [ -n "${AB_DECODE:-}" ]; then
       grep -E "^ +(bf16|K=)" || echo "decode of $v failed"
   done
 fi
-python3 "$repo/bench/ab_time.py" --summary "$OUT/ab_time.jsonl"
+first=$(echo $names | awk '{print $1}')
+PYTHONPATH="$work/inst_$first" python3 "$repo/bench/ab_time.py" --summary "$OUT/ab_time.jsonl"  # imports jax_kbit
