@@ -9,6 +9,10 @@ ceiling, so that a variant's % of copy can be read off), a bfloat16 fill of it (
 (read-only). Each run also checks the variant's
 results (products against x @ dequantize(w); quantize / dequantize bit for bit against the CPU handler) and
 prints WRONG RESULTS where they fail. Prints one line per run and appends it to ``--out``/ab_time.jsonl.
+
+The gemv suite also reads the k-bit kernels' own time per product (``dev_us``: the batch-1 kernel plus its
+split sum, from a ``jax.profiler`` trace of a few chained calls): the wall time of a chain of small products
+counts the launch gaps and the adds between them, which swung identical kernels by 30 % between processes.
 """
 
 from __future__ import annotations
@@ -16,8 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -29,6 +36,7 @@ import jax_kbit as jk
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_gpu import timeit  # noqa: E402
 from bench_matmul import _chain  # noqa: E402
+from profile_decode import kernel_events  # noqa: E402
 
 # (in, out, K): the issue's shapes, then the decoder's layers (q/o, k/v, gate/up, down, LM head).
 CASES = [
@@ -55,8 +63,52 @@ TIMING = {"rounds": 15, "min_time": 0.01, "stat": min}
 MAX_REL_ERR = 0.02
 
 
-def time_case(din: int, dout: int, k: int, rows: int) -> tuple[float, float]:
-    """Seconds per product, and the relative error of one product against x @ dequantize(w) in float32."""
+# A product is one launch of a kernel matching PRODUCT_KERNEL, then (split reductions) SUM_KERNEL's.
+PRODUCT_KERNEL = re.compile(r"gemv_kernel|matmul_kernel")
+SUM_KERNEL = re.compile(r"sum_splits")
+TRACE_CALLS = 3
+
+
+def per_product_us(events: list[tuple[int, int, str]], products: list[int]) -> list[float]:
+    """Split the trace's kernel events (start_ns, end_ns, name) into consecutive runs of ``products[i]``
+    products, in start order, and return each run's k-bit kernel microseconds per product (NaN where the
+    trace holds fewer products than asked for). Other kernels (the chain's adds) are ignored."""
+    kbit = sorted(e for e in events if PRODUCT_KERNEL.search(e[2]) or SUM_KERNEL.search(e[2]))
+    out, i = [], 0
+    for want in products:
+        total, seen = 0, 0
+        while i < len(kbit):
+            start, end, name = kbit[i]
+            if PRODUCT_KERNEL.search(name):
+                if seen == want:
+                    break
+                seen += 1
+            elif seen == 0:  # a split sum before any product of this run: the previous run's
+                i += 1
+                continue
+            total += end - start
+            i += 1
+        out.append(total / 1e3 / want if seen == want and want > 0 else math.nan)
+    return out
+
+
+def device_us(runs: list[tuple[Callable[[], object], int]]) -> list[float]:
+    """Each (compiled call, products per call) called TRACE_CALLS times under one profiler trace: the k-bit
+    kernel microseconds per product of each. NaN without a GPU device plane in the trace."""
+    with tempfile.TemporaryDirectory() as log_dir:
+        with jax.profiler.trace(log_dir):
+            for call, _ in runs:
+                for _ in range(TRACE_CALLS):
+                    out = call()
+                jax.block_until_ready(out)
+        files = sorted(Path(log_dir).rglob("*.xplane.pb"))
+        events = kernel_events(files[-1])[0] if files else []
+    return per_product_us(events, [TRACE_CALLS * n for _, n in runs])
+
+
+def time_case(din: int, dout: int, k: int, rows: int) -> tuple[float, float, Callable[[], object], int]:
+    """Seconds per product, the relative error of one product against x @ dequantize(w) in float32, and the
+    compiled chain as a call with its number of products (for ``device_us``)."""
     key = jax.random.key(din * 7 + dout + k)
     w = jax.random.normal(key, (din, dout), jnp.bfloat16) * jnp.bfloat16(0.02)
     q = jk.quantize_matrix(w, k)
@@ -69,7 +121,9 @@ def time_case(din: int, dout: int, k: int, rows: int) -> tuple[float, float]:
     y = jk.matmul(x, q).astype(jnp.float32)
     ref = jnp.dot(x.astype(jnp.float32), q.dequantize(jnp.float32), precision="highest")
     err = float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
-    return _chain(lambda x, q: jk.matmul(x, q), **TIMING)(x, qs), err
+    chain = _chain(lambda x, q: jk.matmul(x, q), **TIMING)
+    seconds = chain(x, qs)
+    return seconds, err, lambda: chain.run(x, qs), copies
 
 
 def codec_mismatches(n: int = 1 << 20) -> int:
@@ -124,17 +178,19 @@ def check_ok(check: dict) -> bool:
     return check.get("max_rel_err", 0.0) <= MAX_REL_ERR and check.get("cpu_mismatches", 0) == 0
 
 
-def summarize(rows: list[dict]) -> str:
-    """Median time per variant and case over the rounds in ``rows`` (ab_time.jsonl records), with the ratio
-    to the variant labelled ``base`` when there is one."""
+def summarize(rows: list[dict], key: str = "us") -> str:
+    """Median time per variant and case over the rounds in ``rows`` (ab_time.jsonl records; ``key``: "us"
+    for the chains' wall time, "dev_us" for the kernels' own), with the ratio to the variant labelled
+    ``base`` when there is one."""
+    rows = [r for r in rows if key in r]
     by: dict[str, dict[str, list[float]]] = {}
     for r in rows:
-        for case, us in r["us"].items():
+        for case, us in r[key].items():
             by.setdefault(r["label"], {}).setdefault(case, []).append(us)
-    cases = list(dict.fromkeys(c for r in rows for c in r["us"]))
+    cases = list(dict.fromkeys(c for r in rows for c in r[key]))
     base = by.get("base", {})
     lines = [
-        "median us (ratio to base) over rounds: "
+        f"median {key} (ratio to base) over rounds: "
         + ", ".join(f"{v} {len(next(iter(t.values())))}" for v, t in by.items()),
         f"{'case':>16} " + " ".join(f"{v:>15}" for v in by),
     ]
@@ -164,27 +220,37 @@ def main() -> None:
     args = ap.parse_args()
     if args.summary:
         with open(args.summary) as f:
-            print(summarize([json.loads(line) for line in f if line.strip()]))
+            rows = [json.loads(line) for line in f if line.strip()]
+        print(summarize(rows))
+        if any("dev_us" in r for r in rows):
+            print(summarize(rows, "dev_us"))
         return
     if not args.label:
         ap.error("--label is required unless --summary is given")
+    record: dict = {"label": args.label, "suite": args.suite, "rows": args.rows}
     if args.suite == "codec":
         check = {"cpu_mismatches": codec_mismatches()}
         times = {c: round(t, 2) for c, t in time_codec().items()}
     else:
-        times, errs = {}, {}
+        times, errs, runs = {}, {}, []
         for i, o, k in CASES:
-            t, err = time_case(i, o, k, args.rows)
+            t, err, call, products = time_case(i, o, k, args.rows)
             times[f"{i}x{o} K{k}"] = round(t * 1e6, 2)
             errs[f"{i}x{o} K{k}"] = err
+            runs.append((call, products))
         check = {"max_rel_err": max(errs.values())}
+        dev = device_us(runs)
+        if not all(math.isnan(d) for d in dev):
+            record["dev_us"] = {c: round(d, 2) for c, d in zip(times, dev)}
     verdict = "" if check_ok(check) else f"  WRONG RESULTS: {check}"
     print(
         f"{args.label:>8} {args.suite} " + " ".join(f"{n}={t}" for n, t in times.items()) + verdict,
         flush=True,
     )
+    if "dev_us" in record:
+        print(f"{'':>8} dev_us " + " ".join(f"{n}={t}" for n, t in record["dev_us"].items()), flush=True)
     with open(Path(args.out) / "ab_time.jsonl", "a") as f:
-        record = {"label": args.label, "suite": args.suite, "rows": args.rows, "us": times, "check": check}
+        record.update(us=times, check=check)
         f.write(json.dumps(record) + "\n")
 
 

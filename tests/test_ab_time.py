@@ -51,3 +51,49 @@ def test_summary_names_variants_whose_results_failed_their_check(ab):
     text = ab.summarize(rows)
     assert text.splitlines()[-1].endswith("in: codec, fast")
     assert "WRONG" not in ab.summarize([rows[0], rows[3]])
+
+
+def test_per_product_us_splits_the_trace_into_runs(ab):
+    g, s, add = (
+        "void gemv_kernel<true, 4, 1, true>(...)",
+        "void sum_splits_kernel<true>(...)",
+        "loop_add_fusion",
+    )
+    events = [
+        (0, 10, g),  # run 1: two products, one with a split sum
+        (10, 12, s),
+        (13, 14, add),
+        (20, 30, g),
+        (40, 45, g),  # run 2: two products with split sums
+        (45, 48, s),
+        (50, 56, g),
+        (56, 59, s),
+    ]
+    import random
+
+    random.Random(0).shuffle(events)  # start order, not trace order, decides
+    one, two = ab.per_product_us(events, [2, 2])
+    assert one == pytest.approx((10 + 2 + 10) / 2 / 1e3)  # the add is not a k-bit kernel
+    assert two == pytest.approx((5 + 3 + 6 + 3) / 2 / 1e3)
+
+
+def test_per_product_us_is_nan_for_missing_products(ab):
+    import math
+
+    events = [(0, 1000, "matmul_kernel<...>"), (2000, 4000, "matmul_kernel<...>")]
+    got = ab.per_product_us(events, [1, 2])
+    assert got[0] == pytest.approx(1.0)
+    assert math.isnan(got[1])  # one product left where two were asked for
+    assert all(math.isnan(x) for x in ab.per_product_us([], [3]))
+
+
+def test_summary_of_device_times(ab):
+    rows = [
+        {"label": "base", "us": {"a": 10.0}, "dev_us": {"a": 4.0}},
+        {"label": "new", "us": {"a": 9.0}, "dev_us": {"a": 3.0}},
+        {"label": "old", "us": {"a": 8.0}},  # a record from before device times: left out of their table
+    ]
+    lines = ab.summarize(rows, "dev_us").splitlines()
+    assert lines[0].startswith("median dev_us") and "old" not in lines[0]
+    a = next(line for line in lines if line.split()[0] == "a").split()
+    assert a[1:] == ["4.00", "(1.000)", "3.00", "(0.750)"]
