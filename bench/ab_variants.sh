@@ -4,6 +4,8 @@
 # its own directory (in parallel), then bench/ab_time.py (AB_SUITE: gemv, the default, or codec) runs for
 # each in turns, ROUNDS times, and the medians are printed per case with the ratio to the variant named base.
 # AB_DECODE=1 then runs bench/bench_decode.py --quick once per variant.
+# A variant directory with a .build_as file (bench/make_variants.sh NAME=@OTHER:VAR=VALUE) is not built: it
+# runs that variant's install, with the VAR=VALUE lines of its .env file in the environment.
 # AB_REUSE=1 keeps the installs of an earlier call on the same (still warm) machine and builds only the missing.
 #   VARIANTS=.variants ROUNDS=2 AB_SUITE=gemv AB_ROWS=1 AB_DECODE=1 bash bench/ab_variants.sh [names...]
 set -uo pipefail
@@ -15,9 +17,7 @@ repo=$PWD
 variants_dir=$repo/${VARIANTS:-.variants}
 names="$*"
 [ -n "$names" ] || names=$(ls "$variants_dir")
-n=$(echo $names | wc -w)
-jobs=$(( $(nproc) / n + 1 ))
-work=/tmp/ab
+work=${AB_WORK:-/tmp/ab}  # builds and installs (AB_WORK: elsewhere)
 [ -n "${AB_REUSE:-}" ] || rm -rf "$work"
 logs=$work/logs  # tarred into $OUT at the end: a GPU call brings back only a few files
 rm -rf "$logs"
@@ -27,7 +27,19 @@ trap 'exit 143' TERM
 echo "date: $(date -u +%Y-%m-%dT%H:%MZ)  commit: ${KBIT_COMMIT:-?}  variants: $names"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 t0=$SECONDS
-for v in $names; do
+inst_of() {
+  if [ -f "$variants_dir/$1/.build_as" ]; then echo "$work/inst_$(cat "$variants_dir/$1/.build_as")"; else echo "$work/inst_$1"; fi
+}
+env_of() {
+  [ -f "$variants_dir/$1/.env" ] && grep -E '^[A-Za-z_][A-Za-z0-9_]*=' "$variants_dir/$1/.env"
+  return 0
+}
+# What to build: each variant, or the one its .build_as names, once.
+builds=$(for v in $names; do
+  if [ -f "$variants_dir/$v/.build_as" ]; then cat "$variants_dir/$v/.build_as"; else echo "$v"; fi
+done | awk '!seen[$0]++')
+jobs=$(( $(nproc) / $(echo $builds | wc -w) + 1 ))
+for v in $builds; do
   [ -n "${AB_REUSE:-}" ] && [ -d "$work/inst_$v/jax_kbit" ] && continue
   (
     src=$work/src_$v
@@ -46,20 +58,20 @@ echo "builds done ($((SECONDS - t0)) s)"
 cd /tmp
 for r in $(seq 1 "${ROUNDS:-2}"); do
   for v in $names; do
-    [ -d "$work/inst_$v/jax_kbit" ] || continue
-    PYTHONPATH="$work/inst_$v" python3 "$repo/bench/ab_time.py" --label "$v" --rows "${AB_ROWS:-1}" \
+    [ -d "$(inst_of "$v")/jax_kbit" ] || { echo "no build for $v"; continue; }
+    env $(env_of "$v") PYTHONPATH="$(inst_of "$v")" python3 "$repo/bench/ab_time.py" --label "$v" --rows "${AB_ROWS:-1}" \
       --suite "${AB_SUITE:-gemv}" --out "$OUT" 2>>"$logs/err_$v.log" || { echo "run of $v failed"; tail -5 "$logs/err_$v.log"; }
   done
   names="$(echo $names | awk '{for (i = NF; i > 0; i--) printf "%s ", $i}')"  # reverse the order each round
 done
 if [ -n "${AB_DECODE:-}" ]; then
   for v in $names; do
-    [ -d "$work/inst_$v/jax_kbit" ] || continue
+    [ -d "$(inst_of "$v")/jax_kbit" ] || continue
     echo "--- decode: $v"
     mkdir -p "$logs/decode_$v"
-    PYTHONPATH="$work/inst_$v" python3 "$repo/bench/bench_decode.py" --quick --out "$logs/decode_$v" 2>&1 |
+    env $(env_of "$v") PYTHONPATH="$(inst_of "$v")" python3 "$repo/bench/bench_decode.py" --quick --out "$logs/decode_$v" 2>&1 |
       grep -E "^ +(bf16|K=)" || echo "decode of $v failed"
   done
 fi
 first=$(echo $names | awk '{print $1}')
-PYTHONPATH="$work/inst_$first" python3 "$repo/bench/ab_time.py" --summary "$OUT/ab_time.jsonl"  # imports jax_kbit
+PYTHONPATH="$(inst_of "$first")" python3 "$repo/bench/ab_time.py" --summary "$OUT/ab_time.jsonl"  # imports jax_kbit

@@ -2,7 +2,10 @@
 # Fills .variants/ for bench/ab_variants.sh from git refs: each NAME=REF becomes .variants/NAME holding the
 # files in which REF merged into main differs from HEAD (the tree the GPU call will carry), so that
 # overlaying them on HEAD gives that merge. REF may be main itself (NAME=main: main's files).
+# NAME=@OTHER:VAR=VALUE[,VAR=VALUE...] makes a variant that runs variant OTHER's build (not built again) with
+# those environment variables set (e.g. a knob of an experiment branch swept without rebuilding).
 #   bash bench/make_variants.sh base=main pdl=next-sum-splits-pdl cap1=next-gemv-split-cap1
+#   bash bench/make_variants.sh base=main sweep=next-gemv-split-sweep s1=@sweep:KBIT_GEMV_SPLITS=1
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)
 cd "$root"
@@ -11,6 +14,18 @@ grep -qx "/$dir/" .git/info/exclude 2>/dev/null || echo "/$dir/" >>.git/info/exc
 for spec in "$@"; do
   name=${spec%%=*}
   ref=${spec#*=}
+  if [ "${ref:0:1}" = @ ]; then
+    other=${ref#@}
+    other=${other%%:*}
+    case $ref in *:*) assignments=${ref#*:} ;; *) assignments= ;; esac
+    rm -rf "${dir:?}/$name"
+    mkdir -p "$dir/$name"
+    echo "$ref" >"$dir/$name/.variant"
+    echo "$other" >"$dir/$name/.build_as"
+    [ -z "$assignments" ] || echo "$assignments" | tr ',' '\n' >"$dir/$name/.env"
+    echo "$name: the build of $other with ${assignments:-no environment}"
+    continue
+  fi
   if [ "$(git rev-parse "$ref")" = "$(git rev-parse main)" ]; then
     tree=$(git rev-parse "main^{tree}")
   else

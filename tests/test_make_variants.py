@@ -34,6 +34,16 @@ def _git(repo: Path, *args: str) -> str:
     return out.stdout
 
 
+def _one_file_repo(tmp_path: Path) -> Path:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q", "-b", "main")
+    (repo / "f").write_text("1\n")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "one")
+    return repo
+
+
 def test_variants_from_branches(tmp_path):
     repo = tmp_path / "repo"
     (repo / "ffi").mkdir(parents=True)
@@ -71,12 +81,7 @@ def test_variants_from_branches(tmp_path):
 
 
 def test_a_branch_that_conflicts_with_main_is_refused(tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    _git(repo, "init", "-q", "-b", "main")
-    (repo / "f").write_text("1\n")
-    _git(repo, "add", "-A")
-    _git(repo, "commit", "-qm", "one")
+    repo = _one_file_repo(tmp_path)
     _git(repo, "checkout", "-qb", "other")
     (repo / "f").write_text("2\n")
     _git(repo, "commit", "-qam", "two")
@@ -85,3 +90,21 @@ def test_a_branch_that_conflicts_with_main_is_refused(tmp_path):
     _git(repo, "commit", "-qam", "three")
     run = subprocess.run(["bash", str(SCRIPT), "x=other"], cwd=repo, capture_output=True, text=True)
     assert run.returncode != 0 and "does not merge cleanly" in run.stderr
+
+
+def test_environment_variants_reuse_another_build(tmp_path):
+    repo = _one_file_repo(tmp_path)
+    out = subprocess.run(
+        ["bash", str(SCRIPT), "sweep=main", "s4=@sweep:KNOB=4,OTHER=x", "plain=@sweep"],
+        cwd=repo,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert "s4: the build of sweep with KNOB=4,OTHER=x" in out
+    s4 = repo / ".variants" / "s4"
+    assert (s4 / ".build_as").read_text() == "sweep\n"
+    assert (s4 / ".env").read_text() == "KNOB=4\nOTHER=x\n"
+    assert sorted(p.name for p in s4.iterdir()) == [".build_as", ".env", ".variant"]  # no files of its own
+    plain = repo / ".variants" / "plain"
+    assert (plain / ".build_as").read_text() == "sweep\n" and not (plain / ".env").exists()
