@@ -11,7 +11,8 @@
 # suite on this machine's jax), ncu (profile of the quantize/dequantize kernels), ncu_matmul (full profile of
 # the M = 1 fused matmul kernel), ncu_src_quantize / ncu_src_matmul (every section and per-SASS-instruction
 # stall samples as CSV, of the quantize kernel / of the matmul at MATMUL_M rows, default 16), sass
-# (disassembly of the CUDA module).
+# (disassembly of the CUDA module), probe_codec (bench/probe_codec_ceiling.cu: what memory allows for
+# quantize- and dequantize-shaped traffic against copy).
 # PYTEST_ARGS: extra arguments for the tests step (e.g. --ignore a file already run on the same kernels);
 # PYTEST_K: a -k expression for it (may contain spaces). KBIT_COMMIT: the commit to print (see below).
 # Logs and results go to $OUT/logs (default bench/out/logs), packed into $OUT/logs.tgz at exit (the device tool
@@ -100,6 +101,8 @@ for s in $steps; do
       so=$(python3 -c "import jax_kbit._kbit_cuda as m; print(m.__file__)" 2>/dev/null)
       cuobjdump -sass "$so" >"$OUT/sass.txt" 2>&1
       echo "sass: rc=$? ($(wc -l <"$OUT/sass.txt") lines)" ;;
+    probe_codec)  # the bandwidth ceiling of quantize- and dequantize-shaped traffic (needs no build)
+      TAIL=12 step probe_codec bash -c "nvcc -O3 -arch=sm_90 -o /tmp/probe_codec '$repo/bench/probe_codec_ceiling.cu' && /tmp/probe_codec" ;;
     *) echo "unknown step $s"; status=1 ;;
   esac
 done

@@ -1,0 +1,24 @@
+"""The standalone CUDA probes under bench/ (run by hand or by gpu_check.sh on the GPU machine) compile."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+@pytest.mark.parametrize("probe", ["probe_codec_ceiling.cu", "probe_gemv_access.cu"])
+def test_probe_compiles_for_sm90(tmp_path, probe):
+    out = subprocess.run(
+        ["nvcc", "-O3", "-arch=sm_90", "-c", str(BENCH / probe), "-o", str(tmp_path / "probe.o")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "probe.o").stat().st_size > 0
