@@ -3,10 +3,12 @@
 // of format v1 at K = 4 with 16-bit values (per 8 values: 16 bytes of values, 4 bytes of codes, and one
 // scale byte per 32 values) and does no more arithmetic than it takes to make every byte depend on its input,
 // so its time is what memory allows for that mix of reads and writes:
-//   copy      float32 read + write, 16-byte accesses (the ceiling of the issue's ratios; XLA's copy beside
-//   it) memcpy    cudaMemcpyAsync device to device of the same bytes fill      16-bit values written, nothing
-//   read (a write-only ceiling) dequant   codes + scales read, 16-bit values written (plain stores, then
-//   evict-first st.global.cs) quant     16-bit values read, codes + scales written
+//   copy     float32 read + write, 16-byte accesses (issue 3's ratios are to bench_gpu.py's XLA copy)
+//   memcpy   cudaMemcpyAsync device to device of the same bytes
+//   fill     16-bit values written, nothing read (a write-only ceiling)
+//   dequant  codes + scales read, 16-bit values written (plain stores, then evict-first st.global.cs)
+//   quant    16-bit values read, codes + scales written
+// each with persistent CTAs (a grid-stride loop, as the library's kernels run) and with a full grid.
 // The dequantize target (95 % of copy) is reachable only if "dequant" here is well above 95 %; likewise 85 %
 // for quantize.
 // Build and run: nvcc -O3 -arch=sm_90 -o /tmp/probe_codec bench/probe_codec_ceiling.cu && /tmp/probe_codec
