@@ -16,7 +16,8 @@ rm -f "$OUT/ab_time.jsonl"  # the summary is of this call's runs only
 repo=$PWD
 variants_dir=$repo/${VARIANTS:-.variants}
 names="$*"
-[ -n "$names" ] || names=$(ls "$variants_dir")
+[ -n "$names" ] || names=$(ls "$variants_dir" 2>/dev/null)
+[ -n "$names" ] || { echo "no variants: name them, or fill $variants_dir (bench/make_variants.sh)" >&2; exit 2; }
 work=${AB_WORK:-/tmp/ab}  # builds and installs (AB_WORK: elsewhere)
 [ -n "${AB_REUSE:-}" ] || rm -rf "$work"
 logs=$work/logs  # tarred into $OUT at the end: a GPU call brings back only a few files

@@ -71,3 +71,13 @@ def test_builds_each_build_once_and_runs_env_variants(tmp_path):
         assert f"PYTHONPATH={want_inst} |" in c and c.endswith(f"KNOB={want_knob}"), c
     assert any("--summary" in c for c in calls)
     assert (tmp_path / "out" / "ab_logs.tgz").exists()
+
+
+def test_no_variants_is_a_clear_error(tmp_path):
+    repo = tmp_path / "repo"
+    (repo / "bench").mkdir(parents=True)
+    shutil.copy(SCRIPT, repo / "bench" / "ab_variants.sh")
+    env = dict(os.environ, OUT=str(tmp_path / "out"), AB_WORK=str(tmp_path / "work"))
+    out = subprocess.run(["bash", "bench/ab_variants.sh"], cwd=repo, env=env, capture_output=True, text=True)
+    assert out.returncode == 2 and "no variants" in out.stderr
+    assert not (tmp_path / "work").exists()  # stopped before any build
