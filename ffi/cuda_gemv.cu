@@ -376,8 +376,15 @@ ffi::Error launch_gemv(cudaStream_t stream, const MatmulArgs& a) {
   const int64_t resident_warps = sms * per_sm * kGvWarps;
   const int64_t tiles = (a.n + 15) / 16;
   const int64_t count = a.m * a.n;
+  // Once the tiles alone keep half the resident warps busy, one split (no partial sums, no second kernel,
+  // one pipeline fill per tile) beats choose_split's latency model, which counts only rounds of items:
+  // measured on the H200 (bench/RESULTS.md, 2026-12-01 split sweep) 7 % faster at 8192 x 28672 and 17 % at
+  // 2048 x 32000, while with a sixth of the warps (8192 x 8192, 28672 x 8192) splitting still pays.
+  constexpr int64_t kChunk = 2 * kStep;
   const auto [splits, per_split] =
-      choose_split(a.nb, tiles, resident_warps, 2 * kStep, splits_that_fit(a.workspace_floats, count));
+      2 * tiles >= resident_warps
+          ? Split{1, (a.nb + kChunk - 1) / kChunk * kChunk}
+          : choose_split(a.nb, tiles, resident_warps, kChunk, splits_that_fit(a.workspace_floats, count));
   float* partial = splits > 1 ? a.workspace : nullptr;
   const int64_t items = tiles * splits;
   // Items go round the CTAs (item i to CTA i % ctas), so that a small product (a decode layer: a few

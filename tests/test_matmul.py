@@ -406,6 +406,20 @@ def test_gpu_scale_formats_large_and_deterministic(rng, scale_format):
         np.testing.assert_array_equal(y.view(np.uint16), again.view(np.uint16))  # no atomics: same bits
 
 
+@pytest.mark.parametrize("m", (1, 2))
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU is None or not jk.cuda_built(), reason="needs a CUDA GPU and the CUDA build")
+def test_gpu_decode_kernel_wide_output_one_split(rng, m):
+    # 1600 tiles of 16 outputs: at least half the resident warps of a 132-SM GPU, so the batch-1 kernel takes
+    # one split of all 64 blocks (choose_split would have taken three); still the reference's products.
+    din, dout = 2048, 25600
+    for k in (2, 3, 4):
+        x, q = make(rng, m, din, dout, k, BF16)
+        y = check(x, q, GPU, f"k={k} m={m} in={din} out={dout} {rng}")
+        again = np.asarray(jax.jit(jk.matmul)(jax.device_put(x, GPU), jax.device_put(q, GPU)))
+        np.testing.assert_array_equal(y.view(np.uint16), again.view(np.uint16))
+
+
 @pytest.mark.parametrize("scale_format", SCALE_FORMATS)
 @pytest.mark.parametrize("m", (1, 2))
 @pytest.mark.gpu
