@@ -109,6 +109,14 @@ inline dim3 grid_for(int64_t warp_steps, int64_t groups, int per_sm = 8) {
               static_cast<unsigned>(std::min<int64_t>(groups, 65535)));
 }
 
+// A grid with one warp step per warp (no grid-stride loop), for bandwidth-bound kernels: a probe of
+// dequantize-shaped traffic on the H200 ran 4 % faster with it than with only the resident CTAs.
+inline dim3 full_grid_for(int64_t warp_steps, int64_t groups) {
+  const int64_t per_group = (warp_steps + kWarps - 1) / kWarps;
+  return dim3(static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(per_group, 0x7fffffff))),
+              static_cast<unsigned>(std::min<int64_t>(groups, 65535)));
+}
+
 inline ffi::Error launch_error(const char* what) {
   const cudaError_t err = cudaGetLastError();
   if (err == cudaSuccess) return ffi::Error::Success();

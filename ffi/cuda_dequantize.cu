@@ -193,9 +193,7 @@ void launch_dequantize(cudaStream_t stream, const Layout& L, const uint32_t* pac
   auto* o = static_cast<Storage*>(out);
   if (L.d % kBlock == 0 && reinterpret_cast<uintptr_t>(out) % kVectorAlign == 0 &&
       reinterpret_cast<uintptr_t>(packed) % kWordsAlign<K> == 0) {
-    static DeviceCache cache{};
-    const int per_sm = resident_ctas(cache, dequantize_vec_kernel<Out, K>);
-    const dim3 grid = grid_for((bpg + kBlock - 1) / kBlock, L.groups, per_sm);
+    const dim3 grid = full_grid_for((bpg + kBlock - 1) / kBlock, L.groups);
     dequantize_vec_kernel<Out, K>
         <<<grid, kThreads, 0, stream>>>(L.format, packed, scales, cb, ts, o, bpg, L.groups);
   } else {
