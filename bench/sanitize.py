@@ -18,10 +18,10 @@ for k in (2, 3, 4, 5):
                 q = jk.quantize(x, k, scale_format=fmt)
                 y = jk.dequantize(q)
                 jax.block_until_ready(y)
-# quantize's exact tile path: a non-finite block, and a codebook the bucket table declines
 for k in (2, 3, 4, 5):  # a grid of many CTAs for the vector dequantize kernel
     xb = jax.device_put(rng.standard_normal((257, 4096)).astype(np.float32), gpu).astype(jnp.bfloat16)
     jax.block_until_ready(jk.dequantize(jk.quantize(xb, k)))
+# quantize's exact tile path: a non-finite block, and a codebook the bucket table declines
 for k in (2, 3, 4, 5):
     for shape in ((5, 96), (3, 45)):
         xh = rng.standard_normal(shape).astype(np.float32)

@@ -378,8 +378,8 @@ ffi::Error launch_gemv(cudaStream_t stream, const MatmulArgs& a) {
   const int64_t count = a.m * a.n;
   // Once the tiles alone keep half the resident warps busy, one split (no partial sums, no second kernel,
   // one pipeline fill per tile) beats choose_split's latency model, which counts only rounds of items:
-  // measured on the H200 (bench/RESULTS.md, eighth session) 5-8 % faster at 8192 x 28672 and 4-21 % at
-  // 2048 x 32000, while with a sixth of the warps (8192 x 8192, 28672 x 8192) splitting still pays.
+  // on the H200 (bench/RESULTS.md, eighth and ninth sessions) the kernel time fell 8 % at 8192 x 28672 and
+  // 20 % at 2048 x 32000, while with a sixth of the warps (8192 x 8192, 28672 x 8192) splitting still pays.
   constexpr int64_t kChunk = 2 * kStep;
   const auto [splits, per_split] =
       2 * tiles >= resident_warps
