@@ -28,17 +28,16 @@ trap 'exit 143' TERM
 echo "date: $(date -u +%Y-%m-%dT%H:%MZ)  commit: ${KBIT_COMMIT:-?}  variants: $names"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 t0=$SECONDS
-inst_of() {
-  if [ -f "$variants_dir/$1/.build_as" ]; then echo "$work/inst_$(cat "$variants_dir/$1/.build_as")"; else echo "$work/inst_$1"; fi
+build_of() {  # the variant whose build variant $1 runs: its .build_as, or itself
+  if [ -f "$variants_dir/$1/.build_as" ]; then cat "$variants_dir/$1/.build_as"; else echo "$1"; fi
 }
+inst_of() { echo "$work/inst_$(build_of "$1")"; }
 env_of() {
   [ -f "$variants_dir/$1/.env" ] && grep -E '^[A-Za-z_][A-Za-z0-9_]*=' "$variants_dir/$1/.env"
   return 0
 }
 # What to build: each variant, or the one its .build_as names, once.
-builds=$(for v in $names; do
-  if [ -f "$variants_dir/$v/.build_as" ]; then cat "$variants_dir/$v/.build_as"; else echo "$v"; fi
-done | awk '!seen[$0]++')
+builds=$(for v in $names; do build_of "$v"; done | awk '!seen[$0]++')
 jobs=$(( $(nproc) / $(echo $builds | wc -w) + 1 ))
 for v in $builds; do
   [ -n "${AB_REUSE:-}" ] && [ -d "$work/inst_$v/jax_kbit" ] && continue
