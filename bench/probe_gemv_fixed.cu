@@ -16,10 +16,10 @@
 // Build and run (jaxlib's headers for ffi::Error):
 //   nvcc -std=c++17 -O3 -arch=sm_90 --fmad=false -I ffi -I "$(python3 -c 'import jax.ffi as f;
 //   print(f.include_dir())')" -o /tmp/pf bench/probe_gemv_fixed.cu && /tmp/pf
+#include <vector>
+
 #include "../ffi/cuda_gemv.cu"  // the kernel itself, anonymous namespace included
 #include "probe_common.cuh"
-
-#include <vector>
 
 using kbit::ScaleFormat;
 using namespace kbit::cuda;
@@ -159,11 +159,12 @@ int main() {
   CHECK(cudaFuncSetAttribute(tiny_smem_kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100));
   const int sms = prop.multiProcessorCount;
   const int64_t resident_warps = int64_t(sms) * kGvWarps;  // one CTA per SM
-  const int64_t shapes[][2] = {{2048, 512}, {2048, 2048}, {2048, 2560}, {2048, 5632},
+  const int64_t shapes[][2] = {{2048, 512},  {2048, 2048}, {2048, 2560}, {2048, 5632},
                                {5632, 2048}, {2048, 8192}, {8192, 2048}, {8192, 8192}};
-  std::printf("%-11s %6s %5s %6s | %7s %7s %7s %8s %7s %7s %7s %7s %7s %7s %7s %7s   (us per launch, graph of %d)\n", "in x out",
-              "splits", "ctas", "MB", "empty0", "empty", "tables", "tables_t", "loads", "sums", "gemv", "gemv1",
-              "e+l1", "e+sm", "g+l1", "g+sm", kLaunches);
+  std::printf(
+      "%-11s %6s %5s %6s | %7s %7s %7s %8s %7s %7s %7s %7s %7s %7s %7s %7s   (us per launch, graph of %d)\n",
+      "in x out", "splits", "ctas", "MB", "empty0", "empty", "tables", "tables_t", "loads", "sums", "gemv",
+      "gemv1", "e+l1", "e+sm", "g+l1", "g+sm", kLaunches);
   for (const auto& sh : shapes) {
     const int64_t in = sh[0], n = sh[1], nb = in / 32;
     const int64_t tiles = (n + 15) / 16;
@@ -171,7 +172,8 @@ int main() {
     const Split sp = 2 * tiles >= resident_warps
                          ? Split{1, (nb + kChunk - 1) / kChunk * kChunk}
                          : choose_split(nb, tiles, resident_warps, kChunk, splits_that_fit(ws_floats, n));
-    const unsigned ctas = static_cast<unsigned>(std::min<int64_t>(tiles * sp.splits, resident_warps / kGvWarps));
+    const unsigned ctas =
+        static_cast<unsigned>(std::min<int64_t>(tiles * sp.splits, resident_warps / kGvWarps));
     const size_t wbytes = size_t(n) * nb * 16;
     const int copies = static_cast<int>(std::max<size_t>(1, pool_bytes / wbytes));
     auto args = [&](int i, int64_t ws) {
@@ -200,12 +202,10 @@ int main() {
     CHECK(cudaFuncSetAttribute(tables_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
     CHECK(cudaFuncSetAttribute(tables_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
     CHECK(cudaFuncSetAttribute(empty_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
-    const double t_empty0 = us_per_launch(s, kLaunches, [&](cudaStream_t st, int) {
-      empty_kernel<<<ctas, kGvThreads, 0, st>>>(scratch);
-    });
-    const double t_empty = us_per_launch(s, kLaunches, [&](cudaStream_t st, int) {
-      empty_kernel<<<ctas, kGvThreads, kSmem, st>>>(scratch);
-    });
+    const double t_empty0 = us_per_launch(
+        s, kLaunches, [&](cudaStream_t st, int) { empty_kernel<<<ctas, kGvThreads, 0, st>>>(scratch); });
+    const double t_empty = us_per_launch(
+        s, kLaunches, [&](cudaStream_t st, int) { empty_kernel<<<ctas, kGvThreads, kSmem, st>>>(scratch); });
     const double t_tables = us_per_launch(s, kLaunches, [&](cudaStream_t st, int i) {
       tables_kernel<false><<<ctas, kGvThreads, kSmem, st>>>(args(i, ws_floats), scratch);
     });
@@ -214,12 +214,14 @@ int main() {
     });
     const double t_loads = us_per_launch(s, kLaunches, [&](cudaStream_t st, int i) {
       loads_kernel<<<ctas, kGvThreads, 0, st>>>(reinterpret_cast<const uint4*>(args(i, 0).packed), n, nb,
-                                                 sp.splits, sp.per_split, workspace);
+                                                sp.splits, sp.per_split, workspace);
     });
-    const double t_sums = sp.splits > 1 ? us_per_launch(s, kLaunches, [&](cudaStream_t st, int) {
-      launch_sum_splits<true>(st, workspace, sp.splits, n, out);
-    })
-                                        : 0.0;
+    const double t_sums = sp.splits > 1
+                              ? us_per_launch(s, kLaunches,
+                                              [&](cudaStream_t st, int) {
+                                                launch_sum_splits<true>(st, workspace, sp.splits, n, out);
+                                              })
+                              : 0.0;
     const double t_gemv = us_per_launch(s, kLaunches, gemv(ws_floats));
     const double t_gemv1 = us_per_launch(s, kLaunches, gemv(n));
     auto then = [&](auto first, bool l1) {
@@ -237,10 +239,12 @@ int main() {
     const double t_esm = us_per_launch(s, kLaunches, then(empty, false));
     const double t_gl1 = us_per_launch(s, kLaunches, then(gemv(ws_floats), true));
     const double t_gsm = us_per_launch(s, kLaunches, then(gemv(ws_floats), false));
-    std::printf("%5lldx%-5lld %6lld %5u %6.2f | %7.2f %7.2f %7.2f %8.2f %7.2f %7.2f %7.2f %7.2f %7.2f %7.2f %7.2f %7.2f\n",
-                static_cast<long long>(in), static_cast<long long>(n), static_cast<long long>(sp.splits), ctas,
-                wbytes * 17.0 / 16.0 / 1e6, t_empty0, t_empty, t_tables, t_tables_t, t_loads, t_sums, t_gemv,
-                t_gemv1, t_el1, t_esm, t_gl1, t_gsm);
+    std::printf(
+        "%5lldx%-5lld %6lld %5u %6.2f | %7.2f %7.2f %7.2f %8.2f %7.2f %7.2f %7.2f %7.2f %7.2f %7.2f %7.2f "
+        "%7.2f\n",
+        static_cast<long long>(in), static_cast<long long>(n), static_cast<long long>(sp.splits), ctas,
+        wbytes * 17.0 / 16.0 / 1e6, t_empty0, t_empty, t_tables, t_tables_t, t_loads, t_sums, t_gemv, t_gemv1,
+        t_el1, t_esm, t_gl1, t_gsm);
   }
   return 0;
 }
