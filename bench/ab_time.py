@@ -8,7 +8,8 @@ timing chains enough distinct weight copies that they do not stay in L2); ``code
 ceiling, so that a variant's % of copy can be read off) and a column sum (read-only; for a write-only
 ceiling see ``bench/probe_codec_ceiling.cu``: XLA's bf16 fill ran at 1.6 TB/s, no ceiling at all). Each run
 also checks the variant's results (products against x @ dequantize(w); quantize / dequantize bit for bit
-against the CPU handler) and prints WRONG RESULTS where they fail. Prints one line per run and appends it to ``--out``/ab_time.jsonl.
+against the CPU handler) and prints WRONG RESULTS where they fail. Prints one line per run and appends it
+to ``--out``/ab_time.jsonl.
 
 The gemv suite also reads the k-bit kernels' own time per product (``dev_us``: the batch-1 kernel plus its
 split sum, from a ``jax.profiler`` trace of a few chained calls): the wall time of a chain of small products

@@ -14,3 +14,12 @@
       std::exit(1);                                                                   \
     }                                                                                 \
   } while (0)
+
+// A 16-byte load that bypasses L1 (the probes read weights once, as the library's cp.async.cg copies do).
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.cg.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}

@@ -18,14 +18,6 @@
 constexpr int kWarps = 24;
 constexpr int kThreads = kWarps * 32;
 
-__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
-  uint4 v;
-  asm volatile("ld.global.cg.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-
 __device__ __forceinline__ uint32_t fold(uint4 v) { return v.x ^ v.y ^ v.z ^ v.w; }
 
 // w: n rows of nb 16-byte blocks (row-major) for kMode 0 / 1; for kMode 2 the same bytes tile-major:

@@ -52,14 +52,6 @@ __global__ void __launch_bounds__(kGvThreads, 1) tables_kernel(MatmulArgs a, flo
   if (threadIdx.x == 0) out[blockIdx.x] = __uint_as_float(smem[(tables - base) / 16 + blockIdx.x % 256].x);
 }
 
-__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
-  uint4 v;
-  asm volatile("ld.global.cg.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-
 // The batch-1 kernel's items and loads at K = 4 (16 bytes per block per lane and row), nothing computed.
 __global__ void __launch_bounds__(kGvThreads, 1)
     loads_kernel(const uint4* __restrict__ w, int64_t n, int64_t nb, int64_t splits, int64_t per_split,
