@@ -37,7 +37,8 @@ for k, shape in ((4, (3, 70, 64)), (3, (3, 13, 81)), (5, (3, 13, 81))):
 # fused matmul and the fused transposed product (on for this run; off by default): every K and x dtype,
 # each row-tile variant (M <= 8, 16, 32), a partial tile of output rows, a partial chunk of blocks, a split
 # reduction (in = 4096 forward, out = 4096 transposed) and f16 / f32 scales; one and two rows take the
-# batch-1 kernel (K <= 4; its cp.async pipeline over many steps, a tail step and a split reduction at 4096)
+# batch-1 kernel (K <= 4; its cp.async pipeline over many steps, a tail step, split reductions added in the
+# CTA and, at 32 splits, through the workspace)
 importlib.import_module("jax_kbit.matmul").cuda_fused_transposed = True
 for k in (2, 3, 4, 5):
     for dtype in (jnp.float16, jnp.bfloat16):
@@ -50,6 +51,8 @@ for k in (2, 3, 4, 5):
             (1, 4096, 40, "e4m4"),
             (2, 1000, 24, "f16"),
             (1, 256, 25600, "e4m4"),  # enough tiles for the batch-1 kernel's one-split path
+            (1, 1024, 2200, "e4m4"),  # its splits added in the CTA, two tiles per CTA
+            (2, 16384, 40, "f16"),  # 32 splits: more than a CTA's warps, so the workspace and sum kernel
         ):
             w = jax.device_put(rng.standard_normal((din, dout)).astype(np.float32), gpu)
             x = jax.device_put(rng.standard_normal((m, din)).astype(np.float32), gpu).astype(dtype)

@@ -210,8 +210,8 @@ static_assert(kStages * Stage<4, 2>::kBytes == warp_buffer_bytes(4, 2), "warp bu
 template <bool kBf16, int K, int M, bool kE4M4>
 __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t tiles, int64_t splits,
                                           int64_t per_split, float* __restrict__ partial, int64_t item,
-                                          int lane, uint32_t tables, uint32_t buffer, const char* local,
-                                          bool wide) {
+                                          int lane, uint32_t tables, uint32_t buffer, char* local, bool wide,
+                                          bool to_slot) {
   using St = Stage<K, M>;
   const int g = lane >> 2;
   const int c = lane & 3;
@@ -322,6 +322,19 @@ __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t 
     acc[e] += __shfl_xor_sync(kFull, acc[e], 1);
     acc[e] += __shfl_xor_sync(kFull, acc[e], 2);
   }
+  if (to_slot) {
+    // The CTA adds the splits up (add_group): this item's 16 x M sums go to the start of the warp's own
+    // buffer, free once every lane's copies have landed (copy_wait above) and every lane has passed here.
+    __syncwarp();
+    if (c == 0) {
+      float* slot = reinterpret_cast<float*>(local);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        if ((e & 1) < M) slot[(e < 2 ? g : g + 8) * M + (e & 1)] = acc[e];
+      }
+    }
+    return;
+  }
   if (c != 0) return;
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
@@ -336,12 +349,38 @@ __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t 
   }
 }
 
-// Persistent CTAs: each builds its tables once, then its warps take (tile, split) items in turn: item
-// w * gridDim.x + blockIdx.x is warp w's first.
+// The last step of a split reduction summed inside the CTA: tile j of the group (tiles_per_cta at most) had
+// its split s computed by warp j * splits + s, whose sums are at the start of that warp's buffer. Thread i
+// adds output i's splits in split order, which is sum_splits_kernel's order: the same bits either way.
+template <bool kBf16, int M>
+__device__ __noinline__ void add_group(const MatmulArgs a, const char* smem, uint32_t below,
+                                       uint32_t buf_bytes, uint32_t table_end, int64_t first_tile,
+                                       int tiles_here, int splits) {
+  const int i = threadIdx.x;
+  if (i >= tiles_here * 16 * M) return;
+  const int j = i / (16 * M);
+  const int within = i % (16 * M);  // row * M + m, the slot layout of gemv_item
+  const int64_t r = (first_tile + j) * 16 + within / M;
+  const int m = within % M;
+  float s = 0.0f;
+  for (int p = 0; p < splits; ++p) {
+    const uint32_t w = static_cast<uint32_t>(j * splits + p);
+    const uint32_t offset = w < below ? w * buf_bytes : table_end + (w - below) * buf_bytes;
+    const float v = reinterpret_cast<const float*>(smem + offset)[within];
+    s = p == 0 ? v : s + v;  // partial 0 itself, not 0 + partial 0 (-0 stays -0)
+  }
+  if (m < a.m && r < a.n) a.out[m * a.n + r] = to_16<kBf16>(s);
+}
+
+// Persistent CTAs: each builds its tables once, then its warps take (tile, split) items. With
+// tiles_per_cta == 0 item w * gridDim.x + blockIdx.x is warp w's first and partial sums, if any, go to the
+// workspace. Otherwise CTA b takes the groups of tiles_per_cta tiles b, b + gridDim.x, ...: warp w computes
+// split w % splits of the group's tile w / splits and the CTA adds the splits (add_group), with no workspace
+// round trip and no second kernel.
 template <bool kBf16, int K, int M, bool kE4M4>
 __global__ void __launch_bounds__(kGvThreads, 1)
     gemv_kernel(MatmulArgs a, int64_t tiles, int64_t splits, int64_t per_split, float* __restrict__ partial,
-                bool wide) {
+                bool wide, int tiles_per_cta) {
   extern __shared__ uint4 gv_smem[];
   constexpr uint32_t kSize = gemv_smem_bytes(K, M);
   constexpr uint32_t kBuf = warp_buffer_bytes(K, M);
@@ -356,12 +395,38 @@ __global__ void __launch_bounds__(kGvThreads, 1)
       static_cast<uint32_t>(warp) < below ? base + warp * kBuf : tables + kTableBytes + (warp - below) * kBuf;
   if (buffer + kBuf > base + kSize) __trap();  // impossible by gemv_smem_bytes' arithmetic
   build_gemv_tables<kBf16, K>(a.codebook, a.fmt, t, gv_smem + (tables - base) / 16);
-  const char* local = reinterpret_cast<const char*>(gv_smem) + (buffer - base);
+  char* smem = reinterpret_cast<char*>(gv_smem);
+  char* local = smem + (buffer - base);
   __syncthreads();
-  for (int64_t item = static_cast<int64_t>(warp) * gridDim.x + blockIdx.x; item < tiles * splits;
-       item += static_cast<int64_t>(gridDim.x) * kGvWarps) {
-    gemv_item<kBf16, K, M, kE4M4>(a, t, tiles, splits, per_split, partial, item, lane, tables, buffer, local,
-                                  wide);
+  const bool in_cta = tiles_per_cta > 0;
+  const int64_t groups = in_cta ? (tiles + tiles_per_cta - 1) / tiles_per_cta : 0;
+  // One loop for both ways, so that gemv_item is inlined once. The CTA way's exit depends on the block alone:
+  // every thread reaches the same barriers.
+  for (int64_t round = 0;; ++round) {
+    int64_t item;
+    bool active = true;
+    if (in_cta) {
+      const int64_t group = blockIdx.x + round * gridDim.x;
+      if (group >= groups) break;
+      const int64_t tile = group * tiles_per_cta + warp / splits;
+      active = warp < tiles_per_cta * splits && tile < tiles;
+      item = (warp % splits) * tiles + tile;
+    } else {
+      item = static_cast<int64_t>(warp) * gridDim.x + blockIdx.x + round * gridDim.x * kGvWarps;
+      if (item >= tiles * splits) break;
+    }
+    if (active) {
+      gemv_item<kBf16, K, M, kE4M4>(a, t, tiles, splits, per_split, partial, item, lane, tables, buffer,
+                                    local, wide, in_cta);
+    }
+    if (in_cta) {
+      __syncthreads();  // every split's sums are in place
+      const int64_t first = (blockIdx.x + round * gridDim.x) * tiles_per_cta;
+      const int here = static_cast<int>(tiles - first < tiles_per_cta ? tiles - first : tiles_per_cta);
+      add_group<kBf16, M>(a, smem, below, kBuf, tables + kTableBytes - base, first, here,
+                          static_cast<int>(splits));
+      __syncthreads();  // and read before the buffers take the next group's steps
+    }
   }
 }
 
@@ -385,16 +450,26 @@ ffi::Error launch_gemv(cudaStream_t stream, const MatmulArgs& a) {
       2 * tiles >= resident_warps
           ? Split{1, (a.nb + kChunk - 1) / kChunk * kChunk}
           : choose_split(a.nb, tiles, resident_warps, kChunk, splits_that_fit(a.workspace_floats, count));
-  float* partial = splits > 1 ? a.workspace : nullptr;
-  const int64_t items = tiles * splits;
+  // A split reduction whose tiles, a few per CTA, fit one round of CTAs is added up inside each CTA (the
+  // tenth session's probe put the workspace round trip and second kernel at 1.3 of a decode product's
+  // 5.5 µs); the rest, split into more parts than a CTA has warps or with too many tiles, keep them.
+  const int64_t resident_ctas = sms * per_sm;
+  int tiles_per_cta = 0;
+  if (splits > 1 && splits <= kGvWarps) {
+    const int64_t per_cta = std::max<int64_t>(
+        1, std::min<int64_t>(kGvWarps / splits, (tiles + resident_ctas - 1) / resident_ctas));
+    if ((tiles + per_cta - 1) / per_cta <= resident_ctas) tiles_per_cta = static_cast<int>(per_cta);
+  }
+  float* partial = splits > 1 && tiles_per_cta == 0 ? a.workspace : nullptr;
   // Items go round the CTAs (item i to CTA i % ctas), so that a small product (a decode layer: a few
   // hundred items) runs on every SM rather than packed 24 to an SM on a few of them.
-  const unsigned ctas = static_cast<unsigned>(std::min<int64_t>(items, sms * per_sm));
+  const int64_t units = tiles_per_cta > 0 ? (tiles + tiles_per_cta - 1) / tiles_per_cta : tiles * splits;
+  const unsigned ctas = static_cast<unsigned>(std::min<int64_t>(units, resident_ctas));
   // K = 3: a quad's blocks start 16-byte aligned when every row and split does (nb and the splits' starts
   // multiples of 4 blocks: choose_split's parts are whole chunks of 8) and the weights do.
   const bool wide = K == 3 && a.nb % 4 == 0 && reinterpret_cast<uintptr_t>(a.packed) % 16 == 0;
-  kernel<<<ctas, kGvThreads, kGvSmem, stream>>>(a, tiles, splits, per_split, partial, wide);
-  launch_sum_splits<kBf16>(stream, partial, splits, count, a.out);
+  kernel<<<ctas, kGvThreads, kGvSmem, stream>>>(a, tiles, splits, per_split, partial, wide, tiles_per_cta);
+  if (partial != nullptr) launch_sum_splits<kBf16>(stream, partial, splits, count, a.out);
   return launch_error("gemv");
 }
 

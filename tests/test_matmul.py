@@ -430,6 +430,9 @@ def test_gpu_decode_kernel(rng, m, scale_format):
     # rows, split reductions, more work items than resident warps (51200 and 52000 outputs: some warps
     # take a second item), non-finite blocks and inputs, and the same bits on a second call. At K = 3,
     # in = 256 and 8192 (block counts divisible by 4) take the 16-byte weight copies, the others do not.
+    # Split reductions are added up inside the CTA (8192 x 64: 16 splits, one tile a CTA; 1024 x 2200: two
+    # splits, two tiles a CTA on a 132-SM GPU) unless they have more splits than a CTA has warps
+    # (16384 x 40: 32 splits, through the workspace and the sum kernel).
     shapes = (
         (32, 1),
         (96, 40),
@@ -440,6 +443,8 @@ def test_gpu_decode_kernel(rng, m, scale_format):
         (1000, 300),
         (32, 51200),
         (72, 52000),
+        (1024, 2200),
+        (16384, 40),
     )
     for k in (2, 3, 4):
         for dtype in (np.float16, BF16):
