@@ -376,8 +376,9 @@ __device__ __noinline__ void add_group(const MatmulArgs a, const char* smem, uin
 // tiles_per_cta == 0 item w * gridDim.x + blockIdx.x is warp w's first and partial sums, if any, go to the
 // workspace. Otherwise CTA b takes the groups of tiles_per_cta tiles b, b + gridDim.x, ...: warp w computes
 // split w % splits of the group's tile w / splits and the CTA adds the splits (add_group), with no workspace
-// round trip and no second kernel.
-template <bool kBf16, int K, int M, bool kE4M4>
+// round trip and no second kernel. The two ways are two kernels (kInCta), so that each inlines gemv_item once
+// and the first keeps the registers and prologue it had before the second existed.
+template <bool kBf16, int K, int M, bool kE4M4, bool kInCta>
 __global__ void __launch_bounds__(kGvThreads, 1)
     gemv_kernel(MatmulArgs a, int64_t tiles, int64_t splits, int64_t per_split, float* __restrict__ partial,
                 bool wide, int tiles_per_cta) {
@@ -398,30 +399,23 @@ __global__ void __launch_bounds__(kGvThreads, 1)
   char* smem = reinterpret_cast<char*>(gv_smem);
   char* local = smem + (buffer - base);
   __syncthreads();
-  const bool in_cta = tiles_per_cta > 0;
-  const int64_t groups = in_cta ? (tiles + tiles_per_cta - 1) / tiles_per_cta : 0;
-  // One loop for both ways, so that gemv_item is inlined once. The CTA way's exit depends on the block alone:
-  // every thread reaches the same barriers.
-  for (int64_t round = 0;; ++round) {
-    int64_t item;
-    bool active = true;
-    if (in_cta) {
-      const int64_t group = blockIdx.x + round * gridDim.x;
-      if (group >= groups) break;
-      const int64_t tile = group * tiles_per_cta + warp / splits;
-      active = warp < tiles_per_cta * splits && tile < tiles;
-      item = (warp % splits) * tiles + tile;
-    } else {
-      item = static_cast<int64_t>(warp) * gridDim.x + blockIdx.x + round * gridDim.x * kGvWarps;
-      if (item >= tiles * splits) break;
-    }
-    if (active) {
+  if constexpr (!kInCta) {
+    for (int64_t item = static_cast<int64_t>(warp) * gridDim.x + blockIdx.x; item < tiles * splits;
+         item += static_cast<int64_t>(gridDim.x) * kGvWarps) {
       gemv_item<kBf16, K, M, kE4M4>(a, t, tiles, splits, per_split, partial, item, lane, tables, buffer,
-                                    local, wide, in_cta);
+                                    local, wide, false);
     }
-    if (in_cta) {
+  } else {
+    // The loop's exit depends on the block alone: every thread reaches the same barriers.
+    const int64_t groups = (tiles + tiles_per_cta - 1) / tiles_per_cta;
+    for (int64_t group = blockIdx.x; group < groups; group += gridDim.x) {
+      const int64_t tile = group * tiles_per_cta + warp / splits;
+      if (warp < tiles_per_cta * splits && tile < tiles) {
+        gemv_item<kBf16, K, M, kE4M4>(a, t, tiles, splits, per_split, partial, (warp % splits) * tiles + tile,
+                                      lane, tables, buffer, local, wide, true);
+      }
       __syncthreads();  // every split's sums are in place
-      const int64_t first = (blockIdx.x + round * gridDim.x) * tiles_per_cta;
+      const int64_t first = group * tiles_per_cta;
       const int here = static_cast<int>(tiles - first < tiles_per_cta ? tiles - first : tiles_per_cta);
       add_group<kBf16, M>(a, smem, below, kBuf, tables + kTableBytes - base, first, here,
                           static_cast<int>(splits));
@@ -432,11 +426,14 @@ __global__ void __launch_bounds__(kGvThreads, 1)
 
 template <bool kBf16, int K, int M, bool kE4M4>
 ffi::Error launch_gemv(cudaStream_t stream, const MatmulArgs& a) {
-  auto* kernel = gemv_kernel<kBf16, K, M, kE4M4>;
+  auto* kernel = gemv_kernel<kBf16, K, M, kE4M4, false>;
+  auto* cta_kernel = gemv_kernel<kBf16, K, M, kE4M4, true>;
   constexpr int kGvSmem = gemv_smem_bytes(K, M);
-  static DeviceCache cache{};
+  static DeviceCache cache{}, cta_cache{};
   const int per_sm = occupancy(cache, kernel, kGvThreads, kGvSmem);  // opts in to kGvSmem (> 48 KB) first
-  if (per_sm < 1) return launch_error("gemv shared memory attribute or occupancy query");
+  if (per_sm < 1 || occupancy(cta_cache, cta_kernel, kGvThreads, kGvSmem) != per_sm) {
+    return launch_error("gemv shared memory attribute or occupancy query");
+  }
   const int64_t sms = sm_count() > 0 ? sm_count() : 132;
   const int64_t resident_warps = sms * per_sm * kGvWarps;
   const int64_t tiles = (a.n + 15) / 16;
@@ -468,7 +465,8 @@ ffi::Error launch_gemv(cudaStream_t stream, const MatmulArgs& a) {
   // K = 3: a quad's blocks start 16-byte aligned when every row and split does (nb and the splits' starts
   // multiples of 4 blocks: choose_split's parts are whole chunks of 8) and the weights do.
   const bool wide = K == 3 && a.nb % 4 == 0 && reinterpret_cast<uintptr_t>(a.packed) % 16 == 0;
-  kernel<<<ctas, kGvThreads, kGvSmem, stream>>>(a, tiles, splits, per_split, partial, wide, tiles_per_cta);
+  (tiles_per_cta > 0 ? cta_kernel : kernel)<<<ctas, kGvThreads, kGvSmem, stream>>>(
+      a, tiles, splits, per_split, partial, wide, tiles_per_cta);
   if (partial != nullptr) launch_sum_splits<kBf16>(stream, partial, splits, count, a.out);
   return launch_error("gemv");
 }
