@@ -8,7 +8,8 @@
 //   tables_t  + the tensor scale read first, as the kernel does
 //   loads     the kernel's grid and (tile, split) items reading their weight bytes (4 steps in flight) and
 //             storing one float per row and split, nothing else
-//   gemv      the library's batch-1 launch (launch_gemv: the product kernel, then the split sum if split)
+//   gemv      the library's batch-1 launch (launch_gemv: the product kernel; its splits added up in the
+//             CTA, or by the split-sum kernel where they are too many)
 //   gemv1     the same with a workspace too small for a split (one split, one kernel)
 //   sums      the split-sum kernel alone, with gemv's split count
 //   e+l1 / e+sm  empty, then a small kernel preferring all-L1 / the maximum shared-memory carve-out

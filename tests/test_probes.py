@@ -22,3 +22,33 @@ def test_probe_compiles_for_sm90(tmp_path, probe):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "probe.o").stat().st_size > 0
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_fixed_cost_probe_compiles_with_the_library_kernel(tmp_path):
+    # probe_gemv_fixed.cu includes ffi/cuda_gemv.cu itself (it times launch_gemv), so a change of the
+    # library's batch-1 kernel that the probe no longer fits fails here rather than on the GPU machine.
+    import jax.ffi
+
+    out = subprocess.run(
+        [
+            "nvcc",
+            "-std=c++17",
+            "-O3",
+            "--fmad=false",
+            "-arch=sm_90",
+            "-I",
+            str(BENCH.parent / "ffi"),
+            "-I",
+            jax.ffi.include_dir(),
+            "-c",
+            str(BENCH / "probe_gemv_fixed.cu"),
+            "-o",
+            str(tmp_path / "pf.o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "pf.o").stat().st_size > 0
