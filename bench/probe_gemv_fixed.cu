@@ -151,7 +151,6 @@ int main() {
   CHECK(cudaFuncSetAttribute(tiny_l1_kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 0));
   CHECK(cudaFuncSetAttribute(tiny_smem_kernel, cudaFuncAttributePreferredSharedMemoryCarveout, 100));
   const int sms = prop.multiProcessorCount;
-  const int64_t resident_warps = int64_t(sms) * kGvWarps;  // one CTA per SM
   const int64_t shapes[][2] = {{2048, 512},  {2048, 2048}, {2048, 2560}, {2048, 5632},
                                {5632, 2048}, {2048, 8192}, {8192, 2048}, {8192, 8192}};
   std::printf(
@@ -160,13 +159,8 @@ int main() {
       "gemv1", "e+l1", "e+sm", "g+l1", "g+sm", kLaunches);
   for (const auto& sh : shapes) {
     const int64_t in = sh[0], n = sh[1], nb = in / 32;
-    const int64_t tiles = (n + 15) / 16;
-    constexpr int64_t kChunk = 2 * kStep;
-    const Split sp = 2 * tiles >= resident_warps
-                         ? Split{1, (nb + kChunk - 1) / kChunk * kChunk}
-                         : choose_split(nb, tiles, resident_warps, kChunk, splits_that_fit(ws_floats, n));
-    const unsigned ctas =
-        static_cast<unsigned>(std::min<int64_t>(tiles * sp.splits, resident_warps / kGvWarps));
+    const GemvPlan sp = plan_gemv(n, nb, n, ws_floats, sms);  // the library's split and grid
+    const unsigned ctas = sp.ctas;
     const size_t wbytes = size_t(n) * nb * 16;
     const int copies = static_cast<int>(std::max<size_t>(1, pool_bytes / wbytes));
     auto args = [&](int i, int64_t ws) {

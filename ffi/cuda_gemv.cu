@@ -365,6 +365,7 @@ __device__ __noinline__ void add_group(const MatmulArgs a, const char* smem, uin
   float s = 0.0f;
   for (int p = 0; p < splits; ++p) {
     const uint32_t w = static_cast<uint32_t>(j * splits + p);
+    // The kernel's placement of warp w's buffer (gemv_kernel: below the tables, then above them).
     const uint32_t offset = w < below ? w * buf_bytes : table_end + (w - below) * buf_bytes;
     const float v = reinterpret_cast<const float*>(smem + offset)[within];
     s = p == 0 ? v : s + v;  // partial 0 itself, not 0 + partial 0 (-0 stays -0)
@@ -424,6 +425,43 @@ __global__ void __launch_bounds__(kGvThreads, 1)
   }
 }
 
+// How launch_gemv lays a product of n outputs (count = m n of them in all) over nb blocks out on
+// resident_ctas CTAs (one per SM): the split of the reduction, whether the CTAs add the splits up, the grid.
+struct GemvPlan {
+  int64_t tiles, splits, per_split;
+  int tiles_per_cta;  // > 0: each CTA adds its tiles' splits up (gemv_kernel<..., true>)
+  unsigned ctas;
+};
+
+inline GemvPlan plan_gemv(int64_t n, int64_t nb, int64_t count, int64_t workspace_floats,
+                          int64_t resident_ctas) {
+  const int64_t resident_warps = resident_ctas * kGvWarps;
+  const int64_t tiles = (n + 15) / 16;
+  // Once the tiles alone keep half the resident warps busy, one split (no partial sums, no second kernel,
+  // one pipeline fill per tile) beats choose_split's latency model, which counts only rounds of items:
+  // on the H200 (bench/RESULTS.md, eighth and ninth sessions) the kernel time fell 8 % at 8192 x 28672 and
+  // 20 % at 2048 x 32000, while with a sixth of the warps (8192 x 8192, 28672 x 8192) splitting still pays.
+  constexpr int64_t kChunk = 2 * kStep;
+  const auto [splits, per_split] =
+      2 * tiles >= resident_warps
+          ? Split{1, (nb + kChunk - 1) / kChunk * kChunk}
+          : choose_split(nb, tiles, resident_warps, kChunk, splits_that_fit(workspace_floats, count));
+  // A split reduction whose tiles, a few per CTA, fit one round of CTAs is added up inside each CTA (the
+  // tenth session's probe put the workspace round trip and second kernel at 1.3 of a decode product's
+  // 5.5 µs); the rest, split into more parts than a CTA has warps or with too many tiles, keep them.
+  int tiles_per_cta = 0;
+  if (splits > 1 && splits <= kGvWarps) {
+    const int64_t per_cta = std::max<int64_t>(
+        1, std::min<int64_t>(kGvWarps / splits, (tiles + resident_ctas - 1) / resident_ctas));
+    if ((tiles + per_cta - 1) / per_cta <= resident_ctas) tiles_per_cta = static_cast<int>(per_cta);
+  }
+  // Items go round the CTAs (item i to CTA i % ctas), so that a small product (a decode layer: a few
+  // hundred items) runs on every SM rather than packed 24 to an SM on a few of them.
+  const int64_t units = tiles_per_cta > 0 ? (tiles + tiles_per_cta - 1) / tiles_per_cta : tiles * splits;
+  return {tiles, splits, per_split, tiles_per_cta,
+          static_cast<unsigned>(std::min<int64_t>(units, resident_ctas))};
+}
+
 template <bool kBf16, int K, int M, bool kE4M4>
 ffi::Error launch_gemv(cudaStream_t stream, const MatmulArgs& a) {
   auto* kernel = gemv_kernel<kBf16, K, M, kE4M4, false>;
@@ -435,39 +473,15 @@ ffi::Error launch_gemv(cudaStream_t stream, const MatmulArgs& a) {
     return launch_error("gemv shared memory attribute or occupancy query");
   }
   const int64_t sms = sm_count() > 0 ? sm_count() : 132;
-  const int64_t resident_warps = sms * per_sm * kGvWarps;
-  const int64_t tiles = (a.n + 15) / 16;
   const int64_t count = a.m * a.n;
-  // Once the tiles alone keep half the resident warps busy, one split (no partial sums, no second kernel,
-  // one pipeline fill per tile) beats choose_split's latency model, which counts only rounds of items:
-  // on the H200 (bench/RESULTS.md, eighth and ninth sessions) the kernel time fell 8 % at 8192 x 28672 and
-  // 20 % at 2048 x 32000, while with a sixth of the warps (8192 x 8192, 28672 x 8192) splitting still pays.
-  constexpr int64_t kChunk = 2 * kStep;
-  const auto [splits, per_split] =
-      2 * tiles >= resident_warps
-          ? Split{1, (a.nb + kChunk - 1) / kChunk * kChunk}
-          : choose_split(a.nb, tiles, resident_warps, kChunk, splits_that_fit(a.workspace_floats, count));
-  // A split reduction whose tiles, a few per CTA, fit one round of CTAs is added up inside each CTA (the
-  // tenth session's probe put the workspace round trip and second kernel at 1.3 of a decode product's
-  // 5.5 µs); the rest, split into more parts than a CTA has warps or with too many tiles, keep them.
-  const int64_t resident_ctas = sms * per_sm;
-  int tiles_per_cta = 0;
-  if (splits > 1 && splits <= kGvWarps) {
-    const int64_t per_cta = std::max<int64_t>(
-        1, std::min<int64_t>(kGvWarps / splits, (tiles + resident_ctas - 1) / resident_ctas));
-    if ((tiles + per_cta - 1) / per_cta <= resident_ctas) tiles_per_cta = static_cast<int>(per_cta);
-  }
-  float* partial = splits > 1 && tiles_per_cta == 0 ? a.workspace : nullptr;
-  // Items go round the CTAs (item i to CTA i % ctas), so that a small product (a decode layer: a few
-  // hundred items) runs on every SM rather than packed 24 to an SM on a few of them.
-  const int64_t units = tiles_per_cta > 0 ? (tiles + tiles_per_cta - 1) / tiles_per_cta : tiles * splits;
-  const unsigned ctas = static_cast<unsigned>(std::min<int64_t>(units, resident_ctas));
+  const GemvPlan p = plan_gemv(a.n, a.nb, count, a.workspace_floats, sms * per_sm);
+  float* partial = p.splits > 1 && p.tiles_per_cta == 0 ? a.workspace : nullptr;
   // K = 3: a quad's blocks start 16-byte aligned when every row and split does (nb and the splits' starts
   // multiples of 4 blocks: choose_split's parts are whole chunks of 8) and the weights do.
   const bool wide = K == 3 && a.nb % 4 == 0 && reinterpret_cast<uintptr_t>(a.packed) % 16 == 0;
-  (tiles_per_cta > 0 ? cta_kernel : kernel)<<<ctas, kGvThreads, kGvSmem, stream>>>(
-      a, tiles, splits, per_split, partial, wide, tiles_per_cta);
-  if (partial != nullptr) launch_sum_splits<kBf16>(stream, partial, splits, count, a.out);
+  (p.tiles_per_cta > 0 ? cta_kernel : kernel)<<<p.ctas, kGvThreads, kGvSmem, stream>>>(
+      a, p.tiles, p.splits, p.per_split, partial, wide, p.tiles_per_cta);
+  if (partial != nullptr) launch_sum_splits<kBf16>(stream, partial, p.splits, count, a.out);
   return launch_error("gemv");
 }
 
