@@ -146,15 +146,14 @@ __device__ __forceinline__ void build_tables(const float* codebook, CodeSearch& 
   __syncthreads();
 }
 
-// kContiguous (rows of whole blocks): block b is elements [32b, 32b + 32) of the flat array.
-//
-// Per tile of 32 blocks the warp loads element `lane` of each block; lane i finds block i's max (reading the
-// block again with 16-byte loads where rows are whole blocks, else by a reduction across the lanes) and
-// computes its scale (stored, decoded, its reciprocal) once. Then, on the shortcut
-// of kbit_quantize_fast.h, each element costs a multiply and two fmas for its exact quotient and one
-// shared-memory lookup for its code. The bucket table is replicated per lane (lane l reads column l), so
-// its lookups never conflict on a bank whatever the data.
-template <typename In, int K, bool kContiguous>
+// Any rows (the kernel for rows that are not whole blocks, or x not 16-byte aligned; quantize_vec_kernel
+// below takes the rest). Per tile of 32 blocks the warp loads element `lane` of each block; lane i finds
+// block i's max by a reduction across the lanes and computes its scale (stored, decoded, its reciprocal)
+// once. Then, on the shortcut of kbit_quantize_fast.h, each element costs a multiply and two fmas for its
+// exact quotient and one shared-memory lookup for its code, and a block's K plane words are K ballots. The
+// bucket table is replicated per lane (lane l reads column l), so its lookups never conflict on a bank
+// whatever the data.
+template <typename In, int K>
 __global__ void __launch_bounds__(kThreads, 4)
     quantize_kernel(ScaleFormat fmt, const typename In::Storage* __restrict__ x,
                     const float* __restrict__ codebooks, const float* __restrict__ tensor_scales,
@@ -181,26 +180,15 @@ __global__ void __launch_bounds__(kThreads, 4)
       const int64_t base = g * blocks_per_group + chunk * 32;
       const int valid_blocks = static_cast<int>(end - base < 32 ? end - base : 32);
       float v[32];
-      if constexpr (kContiguous) {
-        const typename In::Storage* xp = x + base * kBlock + lane;
-        if (valid_blocks == 32) {  // all but a group's last tile: no per-load predicate
+      int64_t row = base / nb;
+      int64_t b = base - row * nb;
 #pragma unroll
-          for (int i = 0; i < 32; ++i) v[i] = In::load(xp[i * kBlock]);
-        } else {
-#pragma unroll
-          for (int i = 0; i < 32; ++i) v[i] = i < valid_blocks ? In::load(xp[i * kBlock]) : 0.0f;
-        }
-      } else {
-        int64_t row = base / nb;
-        int64_t b = base - row * nb;
-#pragma unroll
-        for (int i = 0; i < 32; ++i) {
-          const int64_t col = b * kBlock + lane;
-          v[i] = i < valid_blocks && col < d ? In::load(x[row * d + col]) : 0.0f;
-          if (++b == nb) {
-            b = 0;
-            ++row;
-          }
+      for (int i = 0; i < 32; ++i) {
+        const int64_t col = b * kBlock + lane;
+        v[i] = i < valid_blocks && col < d ? In::load(x[row * d + col]) : 0.0f;
+        if (++b == nb) {
+          b = 0;
+          ++row;
         }
       }
       // Non-negative floats order like their bit patterns: an unsigned max is the float max, and a max at or
@@ -244,7 +232,7 @@ __global__ void __launch_bounds__(kThreads, 4)
           if (((store_mask >> i) & 1u) != 0) store_words_from<K, 0>(w, pp + i * K, i * K);
         }
       } else {
-        quantize_tile_exact<In, K, kContiguous>(x, base, valid_blocks, my_s, cs, packed, d, nb);
+        quantize_tile_exact<In, K, false>(x, base, valid_blocks, my_s, cs, packed, d, nb);
       }
     }
   }
@@ -436,34 +424,25 @@ __global__ void __launch_bounds__(kThreads, 4)
   }
 }
 
-template <typename In, int K, bool kContiguous>
-void launch_quantize_kernel(cudaStream_t stream, const Layout& L, const typename In::Storage* x,
-                            const float* cb, const float* ts, uint32_t* packed, void* scales) {
-  // One wave of CTAs (each builds the code tables once per group, then loops over tiles).
-  static DeviceCache cache{};
-  const int per_sm = resident_ctas(cache, quantize_kernel<In, K, kContiguous>);
-  const int64_t bpg = L.rows_per_group * L.nb;
-  const dim3 grid = grid_for((bpg + 31) / 32, L.groups, per_sm);
-  quantize_kernel<In, K, kContiguous>
-      <<<grid, kThreads, 0, stream>>>(L.format, x, cb, ts, packed, scales, L.d, L.nb, bpg, L.groups,
-                                      reinterpret_cast<uintptr_t>(packed) % 16 == 0);
-}
-
+// One wave of CTAs (each builds the code tables once per group, then loops over tiles).
 template <typename In, int K>
 void launch_quantize(cudaStream_t stream, const Layout& L, const void* x, const float* cb, const float* ts,
                      uint32_t* packed, void* scales) {
   const auto* xs = static_cast<const typename In::Storage*>(x);
+  const int64_t bpg = L.rows_per_group * L.nb;
   if (L.d % kBlock == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0) {
     static DeviceCache cache{};
     const int per_sm = resident_ctas(cache, quantize_vec_kernel<In, K>);
-    const int64_t bpg = L.rows_per_group * L.nb;
     const dim3 grid = grid_for((bpg + 31) / 32, L.groups, per_sm);
     quantize_vec_kernel<In, K>
         <<<grid, kThreads, 0, stream>>>(L.format, xs, cb, ts, packed, scales, bpg, L.groups);
-  } else if (L.d % kBlock == 0) {  // x not 16-byte aligned
-    launch_quantize_kernel<In, K, true>(stream, L, xs, cb, ts, packed, scales);
   } else {
-    launch_quantize_kernel<In, K, false>(stream, L, xs, cb, ts, packed, scales);
+    static DeviceCache cache{};
+    const int per_sm = resident_ctas(cache, quantize_kernel<In, K>);
+    const dim3 grid = grid_for((bpg + 31) / 32, L.groups, per_sm);
+    quantize_kernel<In, K><<<grid, kThreads, 0, stream>>>(L.format, xs, cb, ts, packed, scales, L.d, L.nb,
+                                                          bpg, L.groups,
+                                                          reinterpret_cast<uintptr_t>(packed) % 16 == 0);
   }
 }
 
