@@ -357,16 +357,6 @@ __global__ void __launch_bounds__(kThreads, 4)
           w[r][4 * v + 3] = q.w;
         }
       }
-      // K = 5 asks L2 for the next tile's lines while it works on this one: in an A/B (2026-12-01) that
-      // made K = 5 8 % faster and K = 2..4 3 % and float32 17 % slower.
-      if constexpr (K == 5) {
-        const int64_t next = chunk + static_cast<int64_t>(gridDim.x) * kWarps;
-        constexpr int kBlockBytes = kBlock * sizeof(typename In::Storage);
-        const int64_t next_block = g * blocks_per_group + next * 32 + lane * (128 / kBlockBytes);
-        if (next < chunks && lane < 32 * kBlockBytes / 128 && next_block < end) {
-          asm volatile("prefetch.global.L2 [%0];" ::"l"(x + next_block * kBlock));
-        }
-      }
       // Block maxima: the four parts' by shuffles, then lane i fetches block i's from its round.
       uint32_t amax_raw = 0;
 #pragma unroll
