@@ -116,54 +116,49 @@ __device__ __forceinline__ uint32_t shared_address(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// Bits of the largest |x| of one block (32 elements at a 16-byte aligned address) as float32, read with
-// 16-byte loads: 16-bit elements two at a time with 3-input max instructions on 16-bit pairs. Float16 and
-// bfloat16 magnitudes order like their bit patterns too, and their conversion to float32 keeps the order
-// (and NaN, inf), so this is the max of the converted values' bits.
-template <typename In>
-__device__ __forceinline__ uint32_t block_amax_bits(const typename In::Storage* block) {
-  const uint4* p = reinterpret_cast<const uint4*>(block);
-  uint32_t m = 0;
-  if constexpr (sizeof(typename In::Storage) == 2) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const uint4 v = __ldg(p + i);
-      m = __vmaxu2(m, __vmaxu2(v.x & 0x7fff7fffu, v.y & 0x7fff7fffu));
-      m = __vmaxu2(m, __vmaxu2(v.z & 0x7fff7fffu, v.w & 0x7fff7fffu));
-    }
-    const uint32_t h = (m >> 16) > (m & 0xffffu) ? (m >> 16) : (m & 0xffffu);
-    return f32_to_bits(In::load(static_cast<uint16_t>(h)));
-  } else {
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const uint4 v = __ldg(p + i);
-      m = max(m, max(v.x & 0x7fffffffu, v.y & 0x7fffffffu));
-      m = max(m, max(v.z & 0x7fffffffu, v.w & 0x7fffffffu));
-    }
-    return m;
-  }
-}
-
 __device__ __forceinline__ uint2 load_shared_u64(uint32_t address) {
   uint2 v;
   asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(address));
   return v;
 }
 
-// kContiguous (rows of whole blocks): block b is elements [32b, 32b + 32) of the flat array.
-//
-// Per tile of 32 blocks the warp loads element `lane` of each block; lane i finds block i's max (reading the
-// block again with 16-byte loads where rows are whole blocks, else by a reduction across the lanes) and
-// computes its scale (stored, decoded, its reciprocal) once. Then, on the shortcut
-// of kbit_quantize_fast.h, each element costs a multiply and two fmas for its exact quotient and one
-// shared-memory lookup for its code. The bucket table is replicated per lane (lane l reads column l), so
-// its lookups never conflict on a bank whatever the data.
-template <typename In, int K, bool kContiguous>
+// Builds group g's search tables in shared memory (every thread of the CTA calls it; it starts and ends with
+// a barrier): cs, whether the bucket table serves this codebook (ok), and the bucket table replicated per
+// lane, entry j for lane l at [32 j + l] as make_entry(bucket_entry(cs, j)).
+template <int K, typename Entry, typename MakeEntry>
+__device__ __forceinline__ void build_tables(const float* codebook, CodeSearch& cs, Entry* buckets, int& ok,
+                                             MakeEntry make_entry) {
+  __syncthreads();  // every warp is done with the previous group's tables
+  if (threadIdx.x == 0) build_code_search_values(codebook, 1 << K, &cs);
+  __syncthreads();
+  // One thread per threshold; the barrier also guarantees every thread has read the distinct values in
+  // cs.tau before they are overwritten with the thresholds.
+  const float tau = threadIdx.x + 1 < cs.m ? code_search_threshold(cs, threadIdx.x) : 0.0f;
+  __syncthreads();
+  if (threadIdx.x < 32) cs.tau[threadIdx.x] = threadIdx.x + 1 < cs.m ? tau : bits_to_f32(0x7f800000u);
+  __syncthreads();
+  if (threadIdx.x == 0) ok = bucket_table_ok(cs);
+  if (threadIdx.x < kBuckets) {
+    const Entry entry = make_entry(bucket_entry(cs, threadIdx.x));
+#pragma unroll 4
+    for (int l = 0; l < 32; ++l) buckets[threadIdx.x * 32 + l] = entry;
+  }
+  __syncthreads();
+}
+
+// Any rows (the kernel for rows that are not whole blocks, or x not 16-byte aligned; quantize_vec_kernel
+// below takes the rest). Per tile of 32 blocks the warp loads element `lane` of each block; lane i finds
+// block i's max by a reduction across the lanes and computes its scale (stored, decoded, its reciprocal)
+// once. Then, on the shortcut of kbit_quantize_fast.h, each element costs a multiply and two fmas for its
+// exact quotient and one shared-memory lookup for its code, and a block's K plane words are K ballots. The
+// bucket table is replicated per lane (lane l reads column l), so its lookups never conflict on a bank
+// whatever the data.
+template <typename In, int K>
 __global__ void __launch_bounds__(kThreads, 4)
     quantize_kernel(ScaleFormat fmt, const typename In::Storage* __restrict__ x,
                     const float* __restrict__ codebooks, const float* __restrict__ tensor_scales,
                     uint32_t* __restrict__ packed, void* __restrict__ scales, int64_t d, int64_t nb,
-                    int64_t blocks_per_group, int64_t groups, bool packed_aligned, bool x_aligned) {
+                    int64_t blocks_per_group, int64_t groups, bool packed_aligned) {
   __shared__ CodeSearch cs;
   __shared__ uint2 buckets[kBuckets * 32];  // entry j for lane l at [32 j + l]: {tau bits, codes}
   __shared__ float2 divisors[kWarps][32];   // this tile's blocks: (s, 1/s) of block i at [warp][i]
@@ -175,23 +170,8 @@ __global__ void __launch_bounds__(kThreads, 4)
   // its entry (32-bit wrap-around drops the bits of 2**23).
   const uint32_t lane_table = shared_address(buckets) + static_cast<uint32_t>(lane) * 8u;
   for (int64_t g = blockIdx.y; g < groups; g += gridDim.y) {
-    __syncthreads();  // every warp is done with the previous group's tables
-    if (threadIdx.x == 0) build_code_search_values(codebooks + g * (1 << K), 1 << K, &cs);
-    __syncthreads();
-    // One thread per threshold; the barrier also guarantees every thread has read the distinct values in
-    // cs.tau before they are overwritten with the thresholds.
-    const float tau = threadIdx.x + 1 < cs.m ? code_search_threshold(cs, threadIdx.x) : 0.0f;
-    __syncthreads();
-    if (threadIdx.x < 32) cs.tau[threadIdx.x] = threadIdx.x + 1 < cs.m ? tau : bits_to_f32(0x7f800000u);
-    __syncthreads();
-    if (threadIdx.x == 0) bucket_ok = bucket_table_ok(cs);
-    if (threadIdx.x < kBuckets) {
-      const BucketEntry e = bucket_entry(cs, threadIdx.x);
-      const uint2 entry = make_uint2(f32_to_bits(e.tau), e.codes);
-#pragma unroll 4
-      for (int l = 0; l < 32; ++l) buckets[threadIdx.x * 32 + l] = entry;
-    }
-    __syncthreads();
+    build_tables<K>(codebooks + g * (1 << K), cs, buckets, bucket_ok,
+                    [](BucketEntry e) { return make_uint2(f32_to_bits(e.tau), e.codes); });
     const float t = tensor_scales[g];
     const bool table_ok = bucket_ok != 0;
     const int64_t end = (g + 1) * blocks_per_group;
@@ -200,39 +180,24 @@ __global__ void __launch_bounds__(kThreads, 4)
       const int64_t base = g * blocks_per_group + chunk * 32;
       const int valid_blocks = static_cast<int>(end - base < 32 ? end - base : 32);
       float v[32];
-      if constexpr (kContiguous) {
-        const typename In::Storage* xp = x + base * kBlock + lane;
-        if (valid_blocks == 32) {  // all but a group's last tile: no per-load predicate
+      int64_t row = base / nb;
+      int64_t b = base - row * nb;
 #pragma unroll
-          for (int i = 0; i < 32; ++i) v[i] = In::load(xp[i * kBlock]);
-        } else {
-#pragma unroll
-          for (int i = 0; i < 32; ++i) v[i] = i < valid_blocks ? In::load(xp[i * kBlock]) : 0.0f;
-        }
-      } else {
-        int64_t row = base / nb;
-        int64_t b = base - row * nb;
-#pragma unroll
-        for (int i = 0; i < 32; ++i) {
-          const int64_t col = b * kBlock + lane;
-          v[i] = i < valid_blocks && col < d ? In::load(x[row * d + col]) : 0.0f;
-          if (++b == nb) {
-            b = 0;
-            ++row;
-          }
+      for (int i = 0; i < 32; ++i) {
+        const int64_t col = b * kBlock + lane;
+        v[i] = i < valid_blocks && col < d ? In::load(x[row * d + col]) : 0.0f;
+        if (++b == nb) {
+          b = 0;
+          ++row;
         }
       }
       // Non-negative floats order like their bit patterns: an unsigned max is the float max, and a max at or
       // above the infinity pattern means the block holds inf or NaN.
       uint32_t amax_bits = 0;
-      if (kContiguous && x_aligned) {  // lane i reads block i again, with 16-byte loads (mostly from L1)
-        if (lane < valid_blocks) amax_bits = block_amax_bits<In>(x + (base + lane) * kBlock);
-      } else {
 #pragma unroll
-        for (int i = 0; i < 32; ++i) {
-          const uint32_t m = __reduce_max_sync(kFull, f32_to_bits(v[i]) & 0x7fffffffu);
-          amax_bits = lane == i ? m : amax_bits;
-        }
+      for (int i = 0; i < 32; ++i) {
+        const uint32_t m = __reduce_max_sync(kFull, f32_to_bits(v[i]) & 0x7fffffffu);
+        amax_bits = lane == i ? m : amax_bits;
       }
       const bool nonfinite = amax_bits >= 0x7f800000u;
       const uint32_t stored = encode_scale(fmt, bits_to_f32(amax_bits), nonfinite, t);
@@ -267,33 +232,217 @@ __global__ void __launch_bounds__(kThreads, 4)
           if (((store_mask >> i) & 1u) != 0) store_words_from<K, 0>(w, pp + i * K, i * K);
         }
       } else {
-        quantize_tile_exact<In, K, kContiguous>(x, base, valid_blocks, my_s, cs, packed, d, nb);
+        quantize_tile_exact<In, K, false>(x, base, valid_blocks, my_s, cs, packed, d, nb);
       }
     }
   }
 }
 
-template <typename In, int K, bool kContiguous>
-void launch_quantize_kernel(cudaStream_t stream, const Layout& L, const typename In::Storage* x,
-                            const float* cb, const float* ts, uint32_t* packed, void* scales) {
-  // One wave of CTAs (each builds the code tables once per group, then loops over tiles).
-  static DeviceCache cache{};
-  const int per_sm = resident_ctas(cache, quantize_kernel<In, K, kContiguous>);
-  const int64_t bpg = L.rows_per_group * L.nb;
-  const dim3 grid = grid_for((bpg + 31) / 32, L.groups, per_sm);
-  quantize_kernel<In, K, kContiguous><<<grid, kThreads, 0, stream>>>(
-      L.format, x, cb, ts, packed, scales, L.d, L.nb, bpg, L.groups,
-      reinterpret_cast<uintptr_t>(packed) % 16 == 0, reinterpret_cast<uintptr_t>(x) % 16 == 0);
+// ---------------------------------------------------------------- rows of whole blocks, 16-byte aligned
+
+// Bit j (j < 4) of a code at bit 8j: one byte per bit plane.
+__device__ __forceinline__ uint32_t spread_planes(uint32_t code) {
+  return (code & 1u) | (code & 2u) << 7 | (code & 4u) << 14 | (code & 8u) << 21;
 }
 
+// The bucket table as quantize_vec_kernel reads it: {tau bits, planes 0..3 of the code below tau at bits 8j
+// and of the code above at bits 8j + 4}, and for K = 5 plane 4 of both at bits 0 and 4 of a third word. The
+// code of xn is then the word shifted right by 4 when xn >= tau, in the low half of each byte.
+template <int K>
+using VecEntry = std::conditional_t<K <= 4, uint2, uint4>;
+
+template <int K>
+__device__ __forceinline__ VecEntry<K> vec_entry(BucketEntry e) {
+  const uint32_t below = e.codes & 0xffffu, above = e.codes >> 16;
+  const uint32_t planes = spread_planes(below) | spread_planes(above) << 4;
+  if constexpr (K <= 4) {
+    return make_uint2(f32_to_bits(e.tau), planes);
+  } else {
+    return make_uint4(f32_to_bits(e.tau), planes, (below >> 4 & 1u) | (above >> 4 & 1u) << 4, 0u);
+  }
+}
+
+template <int K>
+__device__ __forceinline__ VecEntry<K> load_vec_entry(uint32_t address) {
+  if constexpr (K <= 4) {
+    uint2 v;
+    asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(address));
+    return v;
+  } else {
+    uint4 v;
+    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "r"(address));
+    return v;
+  }
+}
+
+// The 32-bit words a lane loads per part of a block (8 elements) and element e of them as float32.
+template <typename In>
+constexpr int kPartWords = sizeof(typename In::Storage) == 2 ? 4 : 8;
+
+template <typename In>
+__device__ __forceinline__ float part_element(const uint32_t* w, int e) {
+  if constexpr (sizeof(typename In::Storage) == 2) {
+    return In::load(static_cast<uint16_t>(e % 2 != 0 ? w[e / 2] >> 16 : w[e / 2] & 0xffffu));
+  } else {
+    return bits_to_f32(w[e]);
+  }
+}
+
+// The largest |x| of a part as the bits of its storage type (magnitudes order like their bit patterns, and
+// a 16-bit magnitude converts to float32 keeping the order, inf and NaN).
+template <typename In>
+__device__ __forceinline__ uint32_t part_max_bits(const uint32_t* w) {
+  if constexpr (sizeof(typename In::Storage) == 2) {
+    const uint32_t m = __vmaxu2(__vmaxu2(w[0] & 0x7fff7fffu, w[1] & 0x7fff7fffu),
+                                __vmaxu2(w[2] & 0x7fff7fffu, w[3] & 0x7fff7fffu));
+    return max(m >> 16, m & 0xffffu);
+  } else {
+    uint32_t m = 0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) m = max(m, w[i] & 0x7fffffffu);
+    return m;
+  }
+}
+
+// Rows of whole blocks with x 16-byte aligned (every array JAX hands over). A tile is 32 blocks in 4 rounds
+// of 8: in round r lane l holds part l % 4 (elements 8(l % 4) .. + 7) of block 8r + l / 4, read with one or
+// two 16-byte loads. Lane i then owns block i's scale arithmetic as in quantize_kernel. An element's code is
+// that kernel's shortcut (same quotient, same bucket, same comparison: the same code), but it lands in the
+// lane's plane bytes by a shift and an add (the table holds the codes' planes spread one per byte), and the
+// four lanes of a block swap bytes so that lane j holds plane j's word: no ballot per plane and element.
+template <typename In, int K>
+__global__ void __launch_bounds__(kThreads, 4)
+    quantize_vec_kernel(ScaleFormat fmt, const typename In::Storage* __restrict__ x,
+                        const float* __restrict__ codebooks, const float* __restrict__ tensor_scales,
+                        uint32_t* __restrict__ packed, void* __restrict__ scales, int64_t blocks_per_group,
+                        int64_t groups) {
+  using Entry = VecEntry<K>;
+  constexpr int kWords = kPartWords<In>;
+  __shared__ CodeSearch cs;
+  __shared__ Entry buckets[kBuckets * 32];
+  __shared__ int bucket_ok;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int part = lane & 3;
+  const int slot = lane >> 2;  // the block of a round this lane works on
+  const int64_t chunks = (blocks_per_group + 31) / 32;
+  // As in quantize_kernel: a quotient's fma result bits times the row size plus this is its entry's address.
+  const uint32_t lane_table = shared_address(buckets) + static_cast<uint32_t>(lane * sizeof(Entry));
+  // Byte swaps of the plane transpose (lanes xor 2, then xor 1): afterwards lane `part` holds plane `part`.
+  const uint32_t swap2 = part < 2 ? 0x5410u : 0x3276u;
+  const uint32_t swap1 = part % 2 == 0 ? 0x6240u : 0x3715u;
+  for (int64_t g = blockIdx.y; g < groups; g += gridDim.y) {
+    build_tables<K>(codebooks + g * (1 << K), cs, buckets, bucket_ok, vec_entry<K>);
+    const float t = tensor_scales[g];
+    const bool table_ok = bucket_ok != 0;
+    const int64_t end = (g + 1) * blocks_per_group;
+    for (int64_t chunk = static_cast<int64_t>(blockIdx.x) * kWarps + warp; chunk < chunks;
+         chunk += static_cast<int64_t>(gridDim.x) * kWarps) {
+      const int64_t base = g * blocks_per_group + chunk * 32;
+      const int valid_blocks = static_cast<int>(end - base < 32 ? end - base : 32);
+      uint32_t w[4][kWords];
+      const uint4* xp = reinterpret_cast<const uint4*>(x + (base + slot) * kBlock + part * 8);
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+#pragma unroll
+        for (int v = 0; v < kWords / 4; ++v) {
+          constexpr int kRoundVecs = 8 * kBlock * sizeof(typename In::Storage) / 16;
+          const uint4 q =
+              8 * r + slot < valid_blocks ? __ldg(xp + r * kRoundVecs + v) : make_uint4(0, 0, 0, 0);
+          w[r][4 * v] = q.x;
+          w[r][4 * v + 1] = q.y;
+          w[r][4 * v + 2] = q.z;
+          w[r][4 * v + 3] = q.w;
+        }
+      }
+      // Block maxima: the four parts' by shuffles, then lane i fetches block i's from its round.
+      uint32_t amax_raw = 0;
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        uint32_t m = part_max_bits<In>(w[r]);
+        m = max(m, __shfl_xor_sync(kFull, m, 1));
+        m = max(m, __shfl_xor_sync(kFull, m, 2));
+        m = __shfl_sync(kFull, m, (lane & 7) * 4);
+        amax_raw = lane >> 3 == r ? m : amax_raw;
+      }
+      const uint32_t amax_bits = sizeof(typename In::Storage) == 2
+                                     ? f32_to_bits(In::load(static_cast<uint16_t>(amax_raw)))
+                                     : amax_raw;
+      const bool nonfinite = amax_bits >= 0x7f800000u;
+      const uint32_t stored = encode_scale(fmt, bits_to_f32(amax_bits), nonfinite, t);
+      const float my_s = decode_scale(fmt, stored, t);  // NaN for a non-finite block
+      if (lane < valid_blocks) write_scale(fmt, scales, base + lane, stored);
+      const FastDivisor div = fast_divisor(my_s, bits_to_f32(amax_bits), nonfinite);
+      if (!__all_sync(kFull, div.ok && table_ok)) {
+        quantize_tile_exact<In, K, true>(x, base, valid_blocks, my_s, cs, packed, 0, 0);
+        continue;
+      }
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const float s = __shfl_sync(kFull, div.s, 8 * r + slot);
+        const float y = __shfl_sync(kFull, div.y, 8 * r + slot);
+        // Elements 0..3 and 4..7 of the part in bits 0..3 of each byte of lo and hi; bits 4..7 collect the
+        // unselected codes' bits, never carrying into the next byte.
+        uint32_t lo = 0, hi = 0, lo4 = 0, hi4 = 0;
+#pragma unroll
+        for (int e = 7; e >= 0; --e) {
+          const float xn = fast_quotient(part_element<In>(w[r], e), s, y);
+          const uint32_t key = f32_to_bits(fmaf(xn, kBucketScale, kBucketMagic));
+          const Entry entry = load_vec_entry<K>(key * static_cast<uint32_t>(32 * sizeof(Entry)) + lane_table);
+          const bool above = xn >= bits_to_f32(entry.x);
+          const uint32_t code = above ? entry.y >> 4 : entry.y;
+          if (e >= 4) {
+            hi = hi * 2 + code;
+          } else {
+            lo = lo * 2 + code;
+          }
+          if constexpr (K == 5) {
+            const uint32_t code4 = above ? entry.z >> 4 : entry.z;
+            if (e >= 4) {
+              hi4 = hi4 * 2 + code4;
+            } else {
+              lo4 = lo4 * 2 + code4;
+            }
+          }
+        }
+        uint32_t planes = (lo & 0x0f0f0f0fu) | (hi << 4 & 0xf0f0f0f0u);
+        planes = __byte_perm(planes, __shfl_xor_sync(kFull, planes, 2), swap2);
+        planes = __byte_perm(planes, __shfl_xor_sync(kFull, planes, 1), swap1);
+        const bool valid = 8 * r + slot < valid_blocks;
+        uint32_t* block_words = packed + (base + 8 * r + slot) * K;
+        if (part < K && valid) block_words[part] = planes;
+        if constexpr (K == 5) {
+          uint32_t plane4 = ((lo4 & 0xfu) | (hi4 << 4 & 0xf0u)) << (8 * part);
+          plane4 |= __shfl_xor_sync(kFull, plane4, 1);
+          plane4 |= __shfl_xor_sync(kFull, plane4, 2);
+          if (part == 0 && valid) block_words[4] = plane4;
+        }
+      }
+    }
+  }
+}
+
+// One wave of CTAs (each builds the code tables once per group, then loops over tiles).
 template <typename In, int K>
 void launch_quantize(cudaStream_t stream, const Layout& L, const void* x, const float* cb, const float* ts,
                      uint32_t* packed, void* scales) {
   const auto* xs = static_cast<const typename In::Storage*>(x);
-  if (L.d % kBlock == 0) {
-    launch_quantize_kernel<In, K, true>(stream, L, xs, cb, ts, packed, scales);
+  const int64_t bpg = L.rows_per_group * L.nb;
+  if (L.d % kBlock == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0) {
+    static DeviceCache cache{};
+    const int per_sm = resident_ctas(cache, quantize_vec_kernel<In, K>);
+    const dim3 grid = grid_for((bpg + 31) / 32, L.groups, per_sm);
+    quantize_vec_kernel<In, K>
+        <<<grid, kThreads, 0, stream>>>(L.format, xs, cb, ts, packed, scales, bpg, L.groups);
   } else {
-    launch_quantize_kernel<In, K, false>(stream, L, xs, cb, ts, packed, scales);
+    static DeviceCache cache{};
+    const int per_sm = resident_ctas(cache, quantize_kernel<In, K>);
+    const dim3 grid = grid_for((bpg + 31) / 32, L.groups, per_sm);
+    quantize_kernel<In, K><<<grid, kThreads, 0, stream>>>(L.format, xs, cb, ts, packed, scales, L.d, L.nb,
+                                                          bpg, L.groups,
+                                                          reinterpret_cast<uintptr_t>(packed) % 16 == 0);
   }
 }
 

@@ -184,6 +184,38 @@ def test_whole_block_rows_against_cpu(k, fmt):
             gpu_equals_cpu(x, k, fmt, out_dtype)
 
 
+def mixed_tiles(rng, shape, dtype):
+    """Rows of whole blocks whose 32-block tiles differ: block magnitudes over a wide range (2**-20 to
+    2**20, float16: 2**-8 to 2**8), zero blocks, blocks of ties, and NaN / inf in a few random blocks, so
+    that some tiles of the quantize kernel take its shortcut and others its exact path."""
+    n = shape[0] * shape[1] // 32
+    x = rng.standard_normal((n, 32)).astype(np.float32)
+    e = 8 if dtype == np.float16 else 20
+    x *= np.exp2(rng.integers(-e, e + 1, (n, 1))).astype(np.float32)
+    blocks = rng.permutation(n)
+    x[blocks[:5]] = 0.0
+    x[blocks[5:10]] = rng.choice([-1.0, -0.5, 0.0, 0.5, 1.0], (5, 32))
+    for i, v in zip(blocks[10:13], (np.nan, np.inf, -np.inf), strict=True):
+        x[i, rng.integers(32)] = v
+    return x.reshape(shape).astype(dtype)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 5])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_whole_block_rows_mixed_tiles(k, dtype):
+    """The quantize kernel for rows of whole blocks (16-byte parts per lane, codes gathered into plane
+    bytes): every input dtype and scale format, shortcut and exact tiles side by side, a partial last tile
+    (37 rows of 33 blocks: 38 tiles, the last of 5 blocks), against the CPU handler and the reference."""
+    rng = np.random.default_rng()
+    x = mixed_tiles(rng, (37, 33 * 32), dtype)
+    cb = jk.codebooks.default(k)
+    for fmt in FORMATS:
+        qg, _ = gpu_equals_cpu(x, k, fmt, np.float32)
+        packed, scales, _ = ref.quantize_ref(x, k, cb, fmt)
+        bits_equal(qg.packed, packed)
+        bits_equal(qg.scales, scales)
+
+
 def test_more_than_2_to_31_elements():
     n = 2**31 + 100  # one row: element offsets and block indices pass 2**31
     x = jax.random.normal(jax.random.key(np.random.randint(1 << 30)), (n,), jnp.bfloat16)
