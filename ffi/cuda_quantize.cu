@@ -1,8 +1,10 @@
-// CUDA quantize handler for format v1. Each warp takes 32 consecutive blocks at a time: 32 coalesced loads
-// in flight per lane (element `lane` of each block), then lane i owns block i's scale arithmetic, so that
-// work is done once per block, not 32 times; codes come from the shortcut of kbit_quantize_fast.h where it
-// applies (almost always) and from the exact threshold table of kbit_format.h otherwise (both tables built
-// per CTA in shared memory), and the K bit planes of a block from K ballots.
+// CUDA quantize handler for format v1. Each warp takes 32 consecutive blocks (a tile) at a time and lane i
+// owns block i's scale arithmetic, so that work is done once per block, not 32 times; codes come from the
+// shortcut of kbit_quantize_fast.h where it applies (almost always) and from the exact threshold table of
+// kbit_format.h otherwise (both tables built per CTA in shared memory). Two kernels: rows of whole blocks
+// (16-byte aligned) take quantize_vec_kernel, where a lane reads 8 consecutive elements of a block and the
+// plane words are gathered from per-lane bytes; other rows take quantize_kernel, where lane l reads element
+// l of each block and a block's K plane words are K ballots.
 #include "cuda_common.cuh"
 #include "cuda_handlers.h"
 #include "kbit_quantize_fast.h"
