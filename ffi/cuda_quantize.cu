@@ -148,6 +148,23 @@ __device__ __forceinline__ void build_tables(const float* codebook, CodeSearch& 
   __syncthreads();
 }
 
+// Lane i's part of a tile's scale step for block i (amax_bits: its max |x| as float32 bits): the stored
+// scale written, the decoded scale (NaN for a non-finite block) and the shortcut's divisor. Blocks past the
+// end hold zeros: scale 0, on the shortcut.
+struct TileScale {
+  float s;
+  FastDivisor div;
+};
+
+__device__ __forceinline__ TileScale tile_scale(ScaleFormat fmt, uint32_t amax_bits, float t, void* scales,
+                                                int64_t base, int lane, int valid_blocks) {
+  const bool nonfinite = amax_bits >= 0x7f800000u;
+  const uint32_t stored = encode_scale(fmt, bits_to_f32(amax_bits), nonfinite, t);
+  const float s = decode_scale(fmt, stored, t);
+  if (lane < valid_blocks) write_scale(fmt, scales, base + lane, stored);
+  return {s, fast_divisor(s, bits_to_f32(amax_bits), nonfinite)};
+}
+
 // Any rows (the kernel for rows that are not whole blocks, or x not 16-byte aligned; quantize_vec_kernel
 // below takes the rest). Per tile of 32 blocks the warp loads element `lane` of each block; lane i finds
 // block i's max by a reduction across the lanes and computes its scale (stored, decoded, its reciprocal)
@@ -201,12 +218,7 @@ __global__ void __launch_bounds__(kThreads, 4)
         const uint32_t m = __reduce_max_sync(kFull, f32_to_bits(v[i]) & 0x7fffffffu);
         amax_bits = lane == i ? m : amax_bits;
       }
-      const bool nonfinite = amax_bits >= 0x7f800000u;
-      const uint32_t stored = encode_scale(fmt, bits_to_f32(amax_bits), nonfinite, t);
-      const float my_s = decode_scale(fmt, stored, t);  // NaN for a non-finite block
-      if (lane < valid_blocks) write_scale(fmt, scales, base + lane, stored);
-      // Blocks past the end hold zeros: scale 0, on the shortcut.
-      const FastDivisor div = fast_divisor(my_s, bits_to_f32(amax_bits), nonfinite);
+      const auto [my_s, div] = tile_scale(fmt, amax_bits, t, scales, base, lane, valid_blocks);
       __syncwarp();  // the previous tile's divisors have been read
       divisors[warp][lane] = make_float2(div.s, div.y);
       __syncwarp();
@@ -372,11 +384,7 @@ __global__ void __launch_bounds__(kThreads, 4)
       const uint32_t amax_bits = sizeof(typename In::Storage) == 2
                                      ? f32_to_bits(In::load(static_cast<uint16_t>(amax_raw)))
                                      : amax_raw;
-      const bool nonfinite = amax_bits >= 0x7f800000u;
-      const uint32_t stored = encode_scale(fmt, bits_to_f32(amax_bits), nonfinite, t);
-      const float my_s = decode_scale(fmt, stored, t);  // NaN for a non-finite block
-      if (lane < valid_blocks) write_scale(fmt, scales, base + lane, stored);
-      const FastDivisor div = fast_divisor(my_s, bits_to_f32(amax_bits), nonfinite);
+      const auto [my_s, div] = tile_scale(fmt, amax_bits, t, scales, base, lane, valid_blocks);
       if (!__all_sync(kFull, div.ok && table_ok)) {
         quantize_tile_exact<In, K, true>(x, base, valid_blocks, my_s, cs, packed, 0, 0);
         continue;
