@@ -80,16 +80,18 @@ for s in $steps; do
     selfcheck) TAIL=12 step selfcheck python3 -P -m jax_kbit ;;
     cpu) TAIL=3 step cpu_suite python3 -m pytest -q -p no:cacheprovider "$repo/tests" -m "not gpu" ;;
     ncu)
-      ncu --clock-control none --kernel-name regex:'quantize_kernel|dequantize' --launch-skip 1 --launch-count 2 \
+      ncu --clock-control none --kernel-name regex:'quantize_(vec_)?kernel' --launch-skip 2 --launch-count 2 \
         --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
-        python3 "$repo/bench/profile_quantize.py" >"$OUT/ncu.txt" 2>&1
+        python3 "$repo/bench/profile_quantize.py" ${PROFILE_ARGS:-} >"$OUT/ncu.txt" 2>&1
       echo "ncu: rc=$? ($(grep -c 'Duration' "$OUT/ncu.txt") kernels profiled)" ;;
     ncu_matmul)  # every section, with source-level stall counters, of the M = 1 fused matmul kernel
       ncu --clock-control none --kernel-name regex:'matmul_kernel|gemv_kernel' --launch-skip 1 --launch-count 1 --set full \
         --import-source no python3 "$repo/bench/profile_matmul.py" >"$OUT/ncu_matmul.txt" 2>&1
       echo "ncu_matmul: rc=$? ($(grep -c 'Duration' "$OUT/ncu_matmul.txt") kernels profiled)" ;;
     ncu_src_quantize|ncu_src_matmul)  # every section plus per-SASS-instruction stall samples (CSV) of one launch
-      if [ $s = ncu_src_quantize ]; then what=quantize_kernel; prog=("$repo/bench/profile_quantize.py")
+      # ^: the quantize kernel, not the dequantize one (ncu matches the base name, which contains it).
+      if [ $s = ncu_src_quantize ]; then what=${NCU_KERNEL:-'^quantize_(vec_)?kernel'}
+        prog=("$repo/bench/profile_quantize.py" ${PROFILE_ARGS:-})
       else what='matmul_kernel|gemv_kernel'; prog=("$repo/bench/profile_matmul.py" --m "${MATMUL_M:-16}"); fi
       ncu --clock-control none --kernel-name regex:"$what" --launch-skip 1 --launch-count 1 --set full \
         --import-source no -f -o "$OUT/$s" python3 "${prog[@]}" >"$OUT/$s.log" 2>&1
