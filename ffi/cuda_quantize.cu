@@ -320,14 +320,19 @@ __device__ __forceinline__ uint32_t part_max_bits(const uint32_t* w) {
   }
 }
 
-// A warp's next tile is copied into shared memory (cp.async, sm_80+) while it works on the current one, so
-// its loads are in flight for a whole tile's arithmetic instead of being waited for at the tile's start
-// (loads held in registers instead cost a quarter of the resident warps). A tile is 4 rounds of
-// kRoundPieces 16-byte pieces in x's order; piece p of a round is read by lane p % 32 (16-bit inputs) or
-// lane p / 2 (float32, two per lane). Each lane copies the pieces it reads itself for 16-bit inputs; for
-// float32 the copies are coalesced (lane l copies pieces 32 v + l of a round) and piece p sits at slot p ^
-// ((p >> 3) & 1), which keeps both the copies' and the reads' 16-byte slots distinct within every 8 lanes (no
-// bank conflicts).
+// K = 5 with 16-bit inputs: a warp's next tile is copied into shared memory (cp.async, sm_80+) while it works
+// on the current one, so its loads are in flight for a whole tile's arithmetic instead of being waited for at
+// the tile's start (there the loads held in registers also spill 72 bytes): 0.90x the time. Staging every
+// input and K measured 1.01-1.03x at K = 2..4 and float32 K = 4 (whose loads the other resident warps
+// already cover), so kStagedTile selects K = 5 with 16-bit inputs only; the float32 layout below is the one
+// measured. A tile is 4 rounds of kRoundPieces 16-byte pieces in x's order; piece p of a round is read by
+// lane p % 32 (16-bit inputs) or lane p / 2 (float32, two per lane). For 16-bit inputs each lane copies the
+// pieces it reads, so only its own copies need waiting for; for float32 the copies are coalesced (lane l
+// copies pieces 32 v + l of a round) and piece p sits at slot p ^ ((p >> 3) & 1), which keeps both the
+// copies' and the reads' 16-byte slots distinct within every 8 lanes (no bank conflicts).
+template <typename In, int K>
+constexpr bool kStagedTile = K == 5 && sizeof(typename In::Storage) == 2;
+
 template <typename In>
 constexpr int kRoundPieces = 8 * kBlock * static_cast<int>(sizeof(typename In::Storage)) / 16;
 
@@ -386,11 +391,13 @@ __global__ void __launch_bounds__(kThreads, 4)
                         int64_t groups) {
   using Entry = VecEntry<K>;
   constexpr int kWords = kPartWords<In>;
+  constexpr bool kStaged = kStagedTile<In, K>;
   __shared__ CodeSearch cs;
+  __shared__ Entry static_buckets[kStaged ? 1 : kBuckets * 32];
   __shared__ int bucket_ok;
-  // Dynamic: the bucket table (kBuckets * 32 entries), then one tile's stage per warp.
+  // Staged: the bucket table (kBuckets * 32 entries), then one tile's stage per warp (over 48 KB: dynamic).
   extern __shared__ __align__(16) unsigned char dynamic_shared[];
-  Entry* const buckets = reinterpret_cast<Entry*>(dynamic_shared);
+  Entry* const buckets = kStaged ? reinterpret_cast<Entry*>(dynamic_shared) : static_buckets;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int part = lane & 3;
@@ -410,7 +417,7 @@ __global__ void __launch_bounds__(kThreads, 4)
     auto tile_blocks = [&](int64_t base) { return static_cast<int>(end - base < 32 ? end - base : 32); };
     const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
     // The first tile's copies overlap the table build.
-    if (first < chunks)
+    if (kStaged && first < chunks)
       copy_tile<In>(x, g * blocks_per_group + first * 32, tile_blocks(g * blocks_per_group + first * 32),
                     stage, lane);
     build_tables<K>(codebooks + g * (1 << K), cs, buckets, bucket_ok, vec_entry<K>);
@@ -420,18 +427,35 @@ __global__ void __launch_bounds__(kThreads, 4)
       const int64_t base = g * blocks_per_group + chunk * 32;
       const int valid_blocks = tile_blocks(base);
       uint32_t w[4][kWords];
-      asm volatile("cp.async.wait_group 0;" ::: "memory");
-      if constexpr (kWords == 8) __syncwarp();  // float32 lanes read pieces other lanes copied
+      if constexpr (kStaged) {
+        asm volatile("cp.async.wait_group 0;" ::: "memory");
+        if constexpr (kWords == 8) __syncwarp();  // float32 lanes read pieces other lanes copied
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {
+        for (int r = 0; r < 4; ++r) {
 #pragma unroll
-        for (int v = 0; v < kWords / 4; ++v) {
-          const int piece = r * kRoundPieces<In> + (kWords / 4) * lane + v;
-          const uint4 q = load_shared_u128(stage + 16u * static_cast<uint32_t>(stage_slot<In>(piece)));
-          w[r][4 * v] = q.x;
-          w[r][4 * v + 1] = q.y;
-          w[r][4 * v + 2] = q.z;
-          w[r][4 * v + 3] = q.w;
+          for (int v = 0; v < kWords / 4; ++v) {
+            const int piece = r * kRoundPieces<In> + (kWords / 4) * lane + v;
+            const uint4 q = load_shared_u128(stage + 16u * static_cast<uint32_t>(stage_slot<In>(piece)));
+            w[r][4 * v] = q.x;
+            w[r][4 * v + 1] = q.y;
+            w[r][4 * v + 2] = q.z;
+            w[r][4 * v + 3] = q.w;
+          }
+        }
+      } else {
+        const uint4* xp = reinterpret_cast<const uint4*>(x + (base + slot) * kBlock + part * 8);
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+#pragma unroll
+          for (int v = 0; v < kWords / 4; ++v) {
+            constexpr int kRoundVecs = 8 * kBlock * sizeof(typename In::Storage) / 16;
+            const uint4 q =
+                8 * r + slot < valid_blocks ? __ldg(xp + r * kRoundVecs + v) : make_uint4(0, 0, 0, 0);
+            w[r][4 * v] = q.x;
+            w[r][4 * v + 1] = q.y;
+            w[r][4 * v + 2] = q.z;
+            w[r][4 * v + 3] = q.w;
+          }
         }
       }
       // Block maxima: the four parts' by shuffles, then lane i fetches block i's from its round.
@@ -445,8 +469,8 @@ __global__ void __launch_bounds__(kThreads, 4)
         amax_raw = lane >> 3 == r ? m : amax_raw;
       }
       // Every word of the stage has been read (the maxima used them all): the next tile's copies may go in.
-      if constexpr (kWords == 8) __syncwarp();
-      if (chunk + chunk_stride < chunks) {
+      if constexpr (kStaged && kWords == 8) __syncwarp();
+      if (kStaged && chunk + chunk_stride < chunks) {
         copy_tile<In>(x, base + chunk_stride * 32, tile_blocks(base + chunk_stride * 32), stage, lane);
       }
       const uint32_t amax_bits = sizeof(typename In::Storage) == 2
@@ -510,7 +534,8 @@ void launch_quantize(cudaStream_t stream, const Layout& L, const void* x, const 
   const int64_t bpg = L.rows_per_group * L.nb;
   if (L.d % kBlock == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0) {
     static DeviceCache cache{};
-    constexpr int smem = kBuckets * 32 * sizeof(VecEntry<K>) + kWarps * kStageBytes<In>;
+    constexpr int smem =
+        kStagedTile<In, K> ? kBuckets * 32 * sizeof(VecEntry<K>) + kWarps * kStageBytes<In> : 0;
     const int occupied = occupancy(cache, quantize_vec_kernel<In, K>, kThreads, smem);
     const dim3 grid = grid_for((bpg + 31) / 32, L.groups, occupied > 0 ? occupied : 8);
     quantize_vec_kernel<In, K>
