@@ -216,6 +216,16 @@ def test_whole_block_rows_mixed_tiles(k, dtype):
         bits_equal(qg.scales, scales)
 
 
+@pytest.mark.parametrize("k", [2, 3, 4, 5])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_whole_block_rows_many_tiles_per_warp(k, dtype):
+    """2**23 elements of mixed tiles: 8192 tiles, more than the resident warps, so that warps take several
+    tiles each and copy the next tile while working on the current one (an exact tile among them too)."""
+    rng = np.random.default_rng()
+    x = mixed_tiles(rng, (8192, 1024), dtype)
+    gpu_equals_cpu(x, k, "e4m4", dtype)
+
+
 def test_more_than_2_to_31_elements():
     n = 2**31 + 100  # one row: element offsets and block indices pass 2**31
     x = jax.random.normal(jax.random.key(np.random.randint(1 << 30)), (n,), jnp.bfloat16)
