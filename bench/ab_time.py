@@ -151,7 +151,8 @@ def codec_mismatches(n: int = 1 << 20) -> int:
 
 
 def time_codec() -> dict[str, float]:
-    """Microseconds per call: copy, then quantize / dequantize per (dtype, K) at 2^28 elements."""
+    """Microseconds per call: copy, then quantize / dequantize per (dtype, K) at 2^28 elements, and bfloat16
+    K = 4 quantize at 2^20 and 2^24."""
     n = 2**28
     x32 = jax.random.normal(jax.random.key(0), (n // 4096, 4096), jnp.float32)
     times = {
@@ -170,6 +171,11 @@ def time_codec() -> dict[str, float]:
             times[f"deq {name} K{k}"] = timeit(df, q, **TIMING)
             del q
         del x
+    # Smaller arrays, where a launch's fixed costs (the code tables' build) weigh more.
+    for log2n in (20, 24):
+        x = x32.reshape(-1)[: 2**log2n].reshape(-1, 4096).astype(jnp.bfloat16)
+        qf = jax.jit(lambda x: jk.quantize(x, 4, tensor_scale=1.0))
+        times[f"quant bf16 K4 2^{log2n}"] = timeit(qf, x, **TIMING)
     return {c: t * 1e6 for c, t in times.items()}
 
 

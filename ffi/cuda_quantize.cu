@@ -126,10 +126,13 @@ __device__ __forceinline__ uint2 load_shared_u64(uint32_t address) {
 
 // Builds group g's search tables in shared memory (every thread of the CTA calls it; it starts and ends with
 // a barrier): cs, whether the bucket table serves this codebook (ok), and the bucket table replicated per
-// lane, entry j for lane l at [32 j + l] as make_entry(bucket_entry(cs, j)).
+// lane, entry j for lane l at [32 j + l] as make_entry(bucket_entry(cs, j)). The entries are computed once
+// each (threads < kBuckets, into `entries`) and then replicated by every thread, 32 consecutive entries per
+// warp store: a thread storing its entry's 32 copies itself made every store a 32-way bank conflict, and the
+// build (a fixed cost per launch) took about 10 us, as long as quantizing 2**24 elements.
 template <int K, typename Entry, typename MakeEntry>
-__device__ __forceinline__ void build_tables(const float* codebook, CodeSearch& cs, Entry* buckets, int& ok,
-                                             MakeEntry make_entry) {
+__device__ __forceinline__ void build_tables(const float* codebook, CodeSearch& cs, Entry* buckets,
+                                             Entry* entries, int& ok, MakeEntry make_entry) {
   __syncthreads();  // every warp is done with the previous group's tables
   if (threadIdx.x == 0) build_code_search_values(codebook, 1 << K, &cs);
   __syncthreads();
@@ -139,12 +142,12 @@ __device__ __forceinline__ void build_tables(const float* codebook, CodeSearch& 
   __syncthreads();
   if (threadIdx.x < 32) cs.tau[threadIdx.x] = threadIdx.x + 1 < cs.m ? tau : bits_to_f32(0x7f800000u);
   __syncthreads();
-  if (threadIdx.x == 0) ok = bucket_table_ok(cs);
-  if (threadIdx.x < kBuckets) {
-    const Entry entry = make_entry(bucket_entry(cs, threadIdx.x));
-#pragma unroll 4
-    for (int l = 0; l < 32; ++l) buckets[threadIdx.x * 32 + l] = entry;
-  }
+  static_assert(kBuckets < kThreads, "a thread per bucket and one more for the check");
+  if (threadIdx.x == kThreads - 1) ok = bucket_table_ok(cs);
+  if (threadIdx.x < kBuckets) entries[threadIdx.x] = make_entry(bucket_entry(cs, threadIdx.x));
+  __syncthreads();
+#pragma unroll 1
+  for (int i = threadIdx.x; i < kBuckets * 32; i += kThreads) buckets[i] = entries[i / 32];
   __syncthreads();
 }
 
@@ -180,7 +183,8 @@ __global__ void __launch_bounds__(kThreads, 4)
                     int64_t blocks_per_group, int64_t groups, bool packed_aligned) {
   __shared__ CodeSearch cs;
   __shared__ uint2 buckets[kBuckets * 32];  // entry j for lane l at [32 j + l]: {tau bits, codes}
-  __shared__ float2 divisors[kWarps][32];   // this tile's blocks: (s, 1/s) of block i at [warp][i]
+  __shared__ uint2 entries[kBuckets];
+  __shared__ float2 divisors[kWarps][32];  // this tile's blocks: (s, 1/s) of block i at [warp][i]
   __shared__ int bucket_ok;
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
@@ -189,7 +193,7 @@ __global__ void __launch_bounds__(kThreads, 4)
   // its entry (32-bit wrap-around drops the bits of 2**23).
   const uint32_t lane_table = shared_address(buckets) + static_cast<uint32_t>(lane) * 8u;
   for (int64_t g = blockIdx.y; g < groups; g += gridDim.y) {
-    build_tables<K>(codebooks + g * (1 << K), cs, buckets, bucket_ok,
+    build_tables<K>(codebooks + g * (1 << K), cs, buckets, entries, bucket_ok,
                     [](BucketEntry e) { return make_uint2(f32_to_bits(e.tau), e.codes); });
     const float t = tensor_scales[g];
     const bool table_ok = bucket_ok != 0;
@@ -395,6 +399,7 @@ __global__ void __launch_bounds__(kThreads, 4)
   __shared__ CodeSearch cs;
   __shared__ Entry static_buckets[kStaged ? 1 : kBuckets * 32];
   __shared__ int bucket_ok;
+  __shared__ Entry entries[kBuckets];
   // Staged: the bucket table (kBuckets * 32 entries), then one tile's stage per warp (over 48 KB: dynamic).
   extern __shared__ __align__(16) unsigned char dynamic_shared[];
   Entry* const buckets = kStaged ? reinterpret_cast<Entry*>(dynamic_shared) : static_buckets;
@@ -420,7 +425,7 @@ __global__ void __launch_bounds__(kThreads, 4)
     if (kStaged && first < chunks)
       copy_tile<In>(x, g * blocks_per_group + first * 32, tile_blocks(g * blocks_per_group + first * 32),
                     stage, lane);
-    build_tables<K>(codebooks + g * (1 << K), cs, buckets, bucket_ok, vec_entry<K>);
+    build_tables<K>(codebooks + g * (1 << K), cs, buckets, entries, bucket_ok, vec_entry<K>);
     const float t = tensor_scales[g];
     const bool table_ok = bucket_ok != 0;
     for (int64_t chunk = first; chunk < chunks; chunk += chunk_stride) {
