@@ -16,6 +16,8 @@
 # batch-1 product's time by part: launch, table build, loads, split sum).
 # PYTEST_ARGS: extra arguments for the tests step (e.g. --ignore a file already run on the same kernels);
 # PYTEST_K: a -k expression for it (may contain spaces). KBIT_COMMIT: the commit to print (see below).
+# ncu runs jax without preallocation: replaying a kernel saves and restores all the device memory in use, and
+# with jax's default (75 % of the GPU preallocated) profiling one small kernel (10 passes) took about 50 s.
 # Logs and results go to $OUT/logs (default bench/out/logs), packed into $OUT/logs.tgz at exit (the device tool
 # brings back only a few files). DEADLINE=seconds skips the steps that would start after it.
 set -uo pipefail
@@ -80,12 +82,12 @@ for s in $steps; do
     selfcheck) TAIL=12 step selfcheck python3 -P -m jax_kbit ;;
     cpu) TAIL=3 step cpu_suite python3 -m pytest -q -p no:cacheprovider "$repo/tests" -m "not gpu" ;;
     ncu)
-      ncu --clock-control none --kernel-name regex:'quantize_(vec_)?kernel' --launch-skip 2 --launch-count 2 \
+      XLA_PYTHON_CLIENT_PREALLOCATE=false ncu --clock-control none --kernel-name regex:'quantize_(vec_)?kernel' --launch-skip 2 --launch-count 2 \
         --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
         python3 "$repo/bench/profile_quantize.py" ${PROFILE_ARGS:-} >"$OUT/ncu.txt" 2>&1
       echo "ncu: rc=$? ($(grep -c 'Duration' "$OUT/ncu.txt") kernels profiled)" ;;
     ncu_matmul)  # every section, with source-level stall counters, of the M = 1 fused matmul kernel
-      ncu --clock-control none --kernel-name regex:'matmul_kernel|gemv_kernel' --launch-skip 1 --launch-count 1 --set full \
+      XLA_PYTHON_CLIENT_PREALLOCATE=false ncu --clock-control none --kernel-name regex:'matmul_kernel|gemv_kernel' --launch-skip 1 --launch-count 1 --set full \
         --import-source no python3 "$repo/bench/profile_matmul.py" >"$OUT/ncu_matmul.txt" 2>&1
       echo "ncu_matmul: rc=$? ($(grep -c 'Duration' "$OUT/ncu_matmul.txt") kernels profiled)" ;;
     ncu_src_quantize|ncu_src_matmul)  # every section plus per-SASS-instruction stall samples (CSV) of one launch
@@ -93,7 +95,7 @@ for s in $steps; do
       if [ $s = ncu_src_quantize ]; then what=${NCU_KERNEL:-'^quantize_(vec_)?kernel'}
         prog=("$repo/bench/profile_quantize.py" ${PROFILE_ARGS:-})
       else what='matmul_kernel|gemv_kernel'; prog=("$repo/bench/profile_matmul.py" --m "${MATMUL_M:-16}"); fi
-      ncu --clock-control none --kernel-name regex:"$what" --launch-skip 1 --launch-count 1 --set full \
+      XLA_PYTHON_CLIENT_PREALLOCATE=false ncu --clock-control none --kernel-name regex:"$what" --launch-skip 1 --launch-count 1 --set full \
         --import-source no -f -o "$OUT/$s" python3 "${prog[@]}" >"$OUT/$s.log" 2>&1
       echo "$s: rc=$?"
       ncu -i "$OUT/$s.ncu-rep" --page details >"$OUT/$s.txt" 2>&1
