@@ -14,6 +14,8 @@ to ``--out``/ab_time.jsonl.
 The gemv suite also reads the k-bit kernels' own time per product (``dev_us``: the batch-1 kernel plus its
 split sum, from a ``jax.profiler`` trace of a few chained calls): the wall time of a chain of small products
 counts the launch gaps and the adds between them, which swung identical kernels by 30 % between processes.
+The codec suite reads the quantize kernel's own time per launch at 2^16..2^28 elements the same way (wall
+time per call floors at about 50 µs there, 2026-12-02).
 """
 
 from __future__ import annotations
@@ -179,6 +181,34 @@ def time_codec() -> dict[str, float]:
     return {c: t * 1e6 for c, t in times.items()}
 
 
+# The quantize kernels (not the dequantize ones, whose names contain theirs).
+QUANTIZE_KERNEL = re.compile(r"(?<!de)quantize_(vec_)?kernel")
+QUANTIZE_DEV_CASES = [(log2n, k) for log2n in (16, 20, 24, 28) for k in (4, 5)]
+
+
+def quantize_device_us(calls: int = 5) -> dict[str, float]:
+    """The quantize kernel's own microseconds per launch (bfloat16, explicit tensor scale), from a profiler
+    trace of ``calls`` launches per size: at small sizes the kernel's fixed costs (the code tables' build),
+    which per-call wall times cannot see under the host's dispatch."""
+    jobs = []
+    for log2n, k in QUANTIZE_DEV_CASES:
+        x = jax.random.normal(jax.random.key(log2n), (2 ** (log2n - 8), 256), jnp.bfloat16)
+        qf = jax.jit(lambda x, k=k: jk.quantize(x, k, tensor_scale=1.0))
+        jax.block_until_ready(qf(x))
+        jobs.append((f"quant bf16 K{k} 2^{log2n}", qf, x))
+    out = {}
+    for name, qf, x in jobs:
+        with tempfile.TemporaryDirectory() as log_dir:
+            with jax.profiler.trace(log_dir):
+                for _ in range(calls):
+                    jax.block_until_ready(qf(x))
+            files = sorted(Path(log_dir).rglob("*.xplane.pb"))
+            events = kernel_events(files[-1])[0] if files else []
+        times = [(end - start) / 1e3 for start, end, n in events if QUANTIZE_KERNEL.search(n)]
+        out[name] = statistics.median(times) if len(times) == calls else math.nan
+    return out
+
+
 def check_ok(check: dict) -> bool:
     """Whether a run's check record (see main) passed; runs without one pass."""
     return check.get("max_rel_err", 0.0) <= MAX_REL_ERR and check.get("cpu_mismatches", 0) == 0
@@ -237,6 +267,13 @@ def main() -> None:
     if args.suite == "codec":
         check = {"cpu_mismatches": codec_mismatches()}
         times = {c: round(t, 2) for c, t in time_codec().items()}
+        try:
+            dev_codec = quantize_device_us()
+        except Exception as err:  # noqa: BLE001 - a failed trace must not cost the run's wall times
+            print(f"no device times: the profiler trace failed: {err!r}", file=sys.stderr)
+            dev_codec = {}
+        if dev_codec and not all(math.isnan(d) for d in dev_codec.values()):
+            record["dev_us"] = {c: round(d, 2) for c, d in dev_codec.items()}
     else:
         times, errs, runs = {}, {}, []
         for i, o, k in CASES:

@@ -97,3 +97,19 @@ def test_summary_of_device_times(ab):
     assert lines[0].startswith("median dev_us") and "old" not in lines[0]
     a = next(line for line in lines if line.split()[0] == "a").split()
     assert a[1:] == ["4.00", "(1.000)", "3.00", "(0.750)"]
+
+
+def test_quantize_kernel_pattern_skips_the_dequantize_kernels(ab):
+    # Both demangled and mangled names: a dequantize kernel's name contains the quantize kernel's.
+    quantize = [
+        "void kbit::cuda::(anonymous namespace)::quantize_vec_kernel<kbit::BF16, 4>(...)",
+        "void kbit::cuda::(anonymous namespace)::quantize_kernel<kbit::F32, 5>(...)",
+        "_ZN4kbit4cuda19quantize_vec_kernelINS_4BF16ELi4EEEvv",
+    ]
+    others = [
+        "void kbit::cuda::(anonymous namespace)::dequantize_vec_kernel<kbit::BF16, 4>(...)",
+        "_ZN4kbit4cuda21dequantize_kernelINS_3F32ELi2EEEvv",
+        "loop_multiply_fusion",
+    ]
+    assert all(ab.QUANTIZE_KERNEL.search(n) for n in quantize)
+    assert not any(ab.QUANTIZE_KERNEL.search(n) for n in others)
