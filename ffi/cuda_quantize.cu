@@ -124,6 +124,14 @@ __device__ __forceinline__ uint2 load_shared_u64(uint32_t address) {
   return v;
 }
 
+__device__ __forceinline__ uint4 load_shared_u128(uint32_t address) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(address));
+  return v;
+}
+
 // Builds group g's search tables in shared memory (every thread of the CTA calls it; it starts and ends with
 // a barrier): cs, whether the bucket table serves this codebook (ok), and the bucket table replicated per
 // lane, entry j for lane l at [32 j + l] as make_entry(bucket_entry(cs, j)). The entries are computed once
@@ -283,15 +291,9 @@ __device__ __forceinline__ VecEntry<K> vec_entry(BucketEntry e) {
 template <int K>
 __device__ __forceinline__ VecEntry<K> load_vec_entry(uint32_t address) {
   if constexpr (K <= 4) {
-    uint2 v;
-    asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(address));
-    return v;
+    return load_shared_u64(address);
   } else {
-    uint4 v;
-    asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "r"(address));
-    return v;
+    return load_shared_u128(address);
   }
 }
 
@@ -328,57 +330,31 @@ __device__ __forceinline__ uint32_t part_max_bits(const uint32_t* w) {
 // on the current one, so its loads are in flight for a whole tile's arithmetic instead of being waited for at
 // the tile's start (there the loads held in registers also spill 72 bytes): 0.90x the time. Staging every
 // input and K measured 1.01-1.03x at K = 2..4 and float32 K = 4 (whose loads the other resident warps
-// already cover), so kStagedTile selects K = 5 with 16-bit inputs only; the float32 layout below is the one
-// measured. A tile is 4 rounds of kRoundPieces 16-byte pieces in x's order; piece p of a round is read by
-// lane p % 32 (16-bit inputs) or lane p / 2 (float32, two per lane). For 16-bit inputs each lane copies the
-// pieces it reads, so only its own copies need waiting for; for float32 the copies are coalesced (lane l
-// copies pieces 32 v + l of a round) and piece p sits at slot p ^ ((p >> 3) & 1), which keeps both the
-// copies' and the reads' 16-byte slots distinct within every 8 lanes (no bank conflicts).
+// already cover), so only these kernels stage. The stage holds the tile in x's order: 16-byte piece 32 r + l
+// (part l % 4 of block 8 r + l / 4) is copied and read by lane l alone, so a lane waits for its own copies
+// only.
 template <typename In, int K>
 constexpr bool kStagedTile = K == 5 && sizeof(typename In::Storage) == 2;
 
-template <typename In>
-constexpr int kRoundPieces = 8 * kBlock * static_cast<int>(sizeof(typename In::Storage)) / 16;
-
-template <typename In>
-constexpr int kStageBytes = 4 * kRoundPieces<In> * 16;  // one tile
-
-template <typename In>
-__device__ __forceinline__ int stage_slot(int piece) {
-  return sizeof(typename In::Storage) == 2 ? piece : piece ^ ((piece >> 3) & 1);
-}
+constexpr int kStageBytes = 32 * kBlock * 2;  // one tile of 16-bit elements
 
 __device__ __forceinline__ void copy_piece(uint32_t dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
                : "memory");
 }
 
-// Issues the copies of the tile of blocks [base, base + valid_blocks) (zeros past them) into stage.
+// Issues this lane's copies of the tile of blocks [base, base + valid_blocks) (zeros past them) into stage.
 template <typename In>
 __device__ __forceinline__ void copy_tile(const typename In::Storage* __restrict__ x, int64_t base,
                                           int valid_blocks, uint32_t stage, int lane) {
-  constexpr int kPieces = kRoundPieces<In>;
-  constexpr int kBlockPieces = kBlock * static_cast<int>(sizeof(typename In::Storage)) / 16;
   const uint4* tile = reinterpret_cast<const uint4*>(x + base * kBlock);
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
-#pragma unroll
-    for (int v = 0; v < kPieces / 32; ++v) {
-      const int piece = r * kPieces + 32 * v + lane;
-      const bool valid = piece / kBlockPieces < valid_blocks;
-      copy_piece(stage + 16u * static_cast<uint32_t>(stage_slot<In>(piece)), tile + (valid ? piece : 0),
-                 valid);
-    }
+    const int piece = 32 * r + lane;
+    const bool valid = piece / 4 < valid_blocks;
+    copy_piece(stage + 16u * static_cast<uint32_t>(piece), tile + (valid ? piece : 0), valid);
   }
   asm volatile("cp.async.commit_group;" ::: "memory");
-}
-
-__device__ __forceinline__ uint4 load_shared_u128(uint32_t address) {
-  uint4 v;
-  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "r"(address));
-  return v;
 }
 
 // Rows of whole blocks with x 16-byte aligned (every array JAX hands over). A tile is 32 blocks in 4 rounds
@@ -412,7 +388,7 @@ __global__ void __launch_bounds__(kThreads, 4)
   const uint32_t lane_table = shared_address(buckets) + static_cast<uint32_t>(lane * sizeof(Entry));
   const uint32_t stage = shared_address(dynamic_shared) +
                          static_cast<uint32_t>(kBuckets * 32 * sizeof(Entry)) +
-                         static_cast<uint32_t>(warp * kStageBytes<In>);
+                         static_cast<uint32_t>(warp * kStageBytes);
   // Byte swaps of the plane transpose (lanes xor 2, then xor 1): afterwards lane `part` holds plane `part`.
   const uint32_t swap2 = part < 2 ? 0x5410u : 0x3276u;
   const uint32_t swap1 = part % 2 == 0 ? 0x6240u : 0x3715u;
@@ -434,18 +410,13 @@ __global__ void __launch_bounds__(kThreads, 4)
       uint32_t w[4][kWords];
       if constexpr (kStaged) {
         asm volatile("cp.async.wait_group 0;" ::: "memory");
-        if constexpr (kWords == 8) __syncwarp();  // float32 lanes read pieces other lanes copied
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
-#pragma unroll
-          for (int v = 0; v < kWords / 4; ++v) {
-            const int piece = r * kRoundPieces<In> + (kWords / 4) * lane + v;
-            const uint4 q = load_shared_u128(stage + 16u * static_cast<uint32_t>(stage_slot<In>(piece)));
-            w[r][4 * v] = q.x;
-            w[r][4 * v + 1] = q.y;
-            w[r][4 * v + 2] = q.z;
-            w[r][4 * v + 3] = q.w;
-          }
+          const uint4 q = load_shared_u128(stage + 16u * static_cast<uint32_t>(32 * r + lane));
+          w[r][0] = q.x;
+          w[r][1] = q.y;
+          w[r][2] = q.z;
+          w[r][3] = q.w;
         }
       } else {
         const uint4* xp = reinterpret_cast<const uint4*>(x + (base + slot) * kBlock + part * 8);
@@ -473,8 +444,7 @@ __global__ void __launch_bounds__(kThreads, 4)
         m = __shfl_sync(kFull, m, (lane & 7) * 4);
         amax_raw = lane >> 3 == r ? m : amax_raw;
       }
-      // Every word of the stage has been read (the maxima used them all): the next tile's copies may go in.
-      if constexpr (kStaged && kWords == 8) __syncwarp();
+      // The maxima used every word this lane read from its stage: the next tile's copies may go in.
       if (kStaged && chunk + chunk_stride < chunks) {
         copy_tile<In>(x, base + chunk_stride * 32, tile_blocks(base + chunk_stride * 32), stage, lane);
       }
@@ -539,8 +509,7 @@ void launch_quantize(cudaStream_t stream, const Layout& L, const void* x, const 
   const int64_t bpg = L.rows_per_group * L.nb;
   if (L.d % kBlock == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0) {
     static DeviceCache cache{};
-    constexpr int smem =
-        kStagedTile<In, K> ? kBuckets * 32 * sizeof(VecEntry<K>) + kWarps * kStageBytes<In> : 0;
+    constexpr int smem = kStagedTile<In, K> ? kBuckets * 32 * sizeof(VecEntry<K>) + kWarps * kStageBytes : 0;
     const int occupied = occupancy(cache, quantize_vec_kernel<In, K>, kThreads, smem);
     const dim3 grid = grid_for((bpg + 31) / 32, L.groups, occupied > 0 ? occupied : 8);
     quantize_vec_kernel<In, K>
