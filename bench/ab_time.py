@@ -187,26 +187,30 @@ QUANTIZE_DEV_CASES = [(log2n, k) for log2n in (16, 20, 24, 28) for k in (4, 5)]
 
 
 def quantize_device_us(calls: int = 5) -> dict[str, float]:
-    """The quantize kernel's own microseconds per launch (bfloat16, explicit tensor scale), from a profiler
-    trace of ``calls`` launches per size: at small sizes the kernel's fixed costs (the code tables' build),
-    which per-call wall times cannot see under the host's dispatch."""
+    """The quantize kernel's own microseconds per launch (bfloat16, explicit tensor scale; the median of
+    ``calls`` launches per size, all under one profiler trace): at small sizes the kernel's fixed costs (the
+    code tables' build), which per-call wall times cannot see under the host's dispatch. NaN without a GPU
+    device plane in the trace."""
     jobs = []
     for log2n, k in QUANTIZE_DEV_CASES:
         x = jax.random.normal(jax.random.key(log2n), (2 ** (log2n - 8), 256), jnp.bfloat16)
         qf = jax.jit(lambda x, k=k: jk.quantize(x, k, tensor_scale=1.0))
         jax.block_until_ready(qf(x))
         jobs.append((f"quant bf16 K{k} 2^{log2n}", qf, x))
-    out = {}
-    for name, qf, x in jobs:
-        with tempfile.TemporaryDirectory() as log_dir:
-            with jax.profiler.trace(log_dir):
+    with tempfile.TemporaryDirectory() as log_dir:
+        with jax.profiler.trace(log_dir):
+            for _, qf, x in jobs:
                 for _ in range(calls):
                     jax.block_until_ready(qf(x))
-            files = sorted(Path(log_dir).rglob("*.xplane.pb"))
-            events = kernel_events(files[-1])[0] if files else []
-        times = [(end - start) / 1e3 for start, end, n in events if QUANTIZE_KERNEL.search(n)]
-        out[name] = statistics.median(times) if len(times) == calls else math.nan
-    return out
+        files = sorted(Path(log_dir).rglob("*.xplane.pb"))
+        events = kernel_events(files[-1])[0] if files else []
+    # One launch per call, in call order.
+    times = [(end - start) / 1e3 for start, end, n in sorted(events) if QUANTIZE_KERNEL.search(n)]
+    if len(times) != calls * len(jobs):
+        return {name: math.nan for name, _, _ in jobs}
+    return {
+        name: statistics.median(times[i * calls : (i + 1) * calls]) for i, (name, _, _) in enumerate(jobs)
+    }
 
 
 def check_ok(check: dict) -> bool:
