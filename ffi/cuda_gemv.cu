@@ -11,9 +11,10 @@
 // sums once. Pair indices come from the bit planes in a few shifts and masks per 16 pairs (pair_indices),
 // and a pair table lookup is one byte permute (which also adds the lane's bank offset) and one shared-memory
 // load.
-// The weights, scales and x stream in kStages steps ahead of the arithmetic (cp.async into a shared-memory
-// buffer per warp): at batch 1 the kernel is a race against memory latency, and the steps in flight per SM
-// must cover it.
+// The weights and scales stream into registers kStages steps ahead of the arithmetic (at batch 1 the kernel
+// is a race against memory latency, and the steps in flight per SM must cover it); x is copied into shared
+// memory once per CTA. Staging the weights through shared memory as well (cp.async) made the shared-memory
+// pipe the bottleneck: ncu put half of the stall samples on it at 8192 x 28672 and 28672 x 8192.
 #include "cuda_gemv.h"
 #include "cuda_mma.cuh"
 
@@ -21,7 +22,7 @@ namespace kbit {
 namespace cuda {
 namespace {
 
-constexpr int kGvWarps = 24;  // one CTA per SM (80 registers a thread) sharing one copy of the tables
+constexpr int kGvWarps = 16;  // one CTA per SM (up to 128 registers a thread) sharing the tables and x
 constexpr int kGvThreads = kGvWarps * 32;
 constexpr int kStep = 4;  // blocks per warp step, one per lane column; splits are whole pairs of steps
 // The tables: 256 rows of 256 bytes. Row e holds pair-table entry e in bytes [0, 128) and the decoded e4m4
@@ -53,6 +54,14 @@ __device__ __forceinline__ void build_gemv_tables(const float* __restrict__ code
       row[v] = make_uint4(w, w, w, w);
     }
   }
+}
+
+__device__ __forceinline__ uint4 load_shared_u128(uint32_t address) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(address));
+  return v;
 }
 
 // Entry (byte q of p) of a table row, at the lane's bank. lane_address is the shared address of the lane's
@@ -140,36 +149,21 @@ __device__ __forceinline__ uint32_t load_scale(bool e4m4, ScaleFormat fmt, const
   return e4m4 ? static_cast<const uint8_t*>(scales)[i] : read_scale(fmt, scales, i);
 }
 
-// Asynchronous global -> shared copies (cp.async, sm_80+): the weights bypass L1 (read once), x stays in it
-// (every warp of the SM reads the same x).
-__device__ __forceinline__ void copy_16_global(uint32_t dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
-}
-__device__ __forceinline__ void copy_16_cached(uint32_t dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
-}
-__device__ __forceinline__ void copy_8(uint32_t dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dst), "l"(src) : "memory");
-}
-__device__ __forceinline__ void copy_4(uint32_t dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src) : "memory");
-}
-__device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int kPending>
-__device__ __forceinline__ void copy_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
-}
-
-// One lane's K words of one block, global -> shared.
+// One lane's K words of one block, global -> registers, not kept in L1 (the weights are read once; L1 is
+// mostly shared memory here anyway).
 template <int K>
-__device__ __forceinline__ void copy_words(uint32_t dst, const uint32_t* src) {
+__device__ __forceinline__ void load_words_stream(const uint32_t* p, uint32_t (&w)[K]) {
   if constexpr (K == 4) {
-    copy_16_global(dst, src);
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3])
+                 : "l"(p));
   } else if constexpr (K == 2) {
-    copy_8(dst, src);
+    asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(w[0]), "=r"(w[1]) : "l"(p));
   } else {
 #pragma unroll
-    for (int j = 0; j < K; ++j) copy_4(dst + 4 * j, src + j);
+    for (int j = 0; j < K; ++j) {
+      asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(w[j]) : "l"(p + j));
+    }
   }
 }
 
@@ -181,38 +175,35 @@ __device__ __forceinline__ void read_x(const uint4* p, uint32_t (&xw)[16]) {
   }
 }
 
-// The staging of one warp step in shared memory: the K words of every lane's block in rows r0 (lane order),
-// then in rows r1, then x on the step's four blocks (block c, x row m at (c M + m) 64 bytes). Each lane reads
-// back only what it copied itself, so waiting for its own copies is all the synchronisation needed.
-template <int K, int M>
-struct Stage {
-  static constexpr int kWords1 = 32 * K * 4;  // bytes: rows r1 start here
-  static constexpr int kX = 2 * kWords1;
-  static constexpr int kBytes = kX + 4 * M * kBlock * 2;
-};
-constexpr int kStages = 4;  // steps in flight per warp: enough bytes in flight to cover the memory latency
+// x in shared memory, once per CTA: the 16-byte chunk q of x (row m's chunks follow row m - 1's) at byte
+// 16 (q + q / 8): a 16-byte gap after every 128 bytes, so that the four lanes reading blocks b .. b + 3 of
+// one row (64 bytes each, b a multiple of 4) in one instruction hit four different bank groups.
+__host__ __device__ constexpr int64_t x_chunk_offset(int64_t q) { return 16 * (q + q / 8); }
 
-__host__ __device__ constexpr int warp_buffer_bytes(int k, int m) {
-  return kStages * (2 * 32 * k * 4 + 4 * m * kBlock * 2);
+// The shared memory besides the tables: the padded copy of x, then one slot of 16 x M partial sums per warp
+// (the CTA adds splits up there).
+__host__ __device__ constexpr int64_t x_copy_bytes(int64_t m, int64_t nb) {
+  return x_chunk_offset(m * nb * 4) + 16;
+}
+__host__ __device__ constexpr int64_t region_bytes(int64_t m, int64_t nb) {
+  return x_copy_bytes(m, nb) + static_cast<int64_t>(kGvWarps) * 16 * m * 4;
 }
 
-// Dynamic shared memory the kernel asks for: the 64 KB tables, 64 KB-aligned, and one warp buffer per warp in
-// the space around them. Whatever the base address, the gaps below and above the tables hold at least
-// kGvWarps whole buffers when they sum to (kGvWarps + 2) buffers (and the upper gap is never negative).
-__host__ __device__ constexpr int gemv_smem_bytes(int k, int m) {
-  const int buffers = (kGvWarps + 2) * warp_buffer_bytes(k, m);
-  return kTableBytes + (buffers > kTableBytes ? buffers : kTableBytes);
+// Dynamic shared memory the kernel asks for: the 64 KB tables, 64 KB-aligned, and the region below them when
+// it fits the gap that alignment leaves, else above them. Whatever the base address, this covers both cases.
+__host__ __device__ constexpr int64_t gemv_smem_bytes(int64_t m, int64_t nb) {
+  const int64_t r = region_bytes(m, nb);
+  return kTableBytes + (2 * r > kTableBytes ? 2 * r : kTableBytes);
 }
-static_assert(kStages * Stage<4, 2>::kBytes == warp_buffer_bytes(4, 2), "warp buffer layout");
+
+constexpr int kStages = 4;  // steps of weights in flight per warp (in registers): enough to cover the latency
 
 // One work item of one warp: output rows [16 tile, 16 tile + 16), blocks [begin, end) of split `split`.
-// buffer: the shared address of this warp's kStages stages; local: the same, as a generic pointer.
+// xs: the shared address of the CTA's copy of x; slot: this warp's slot of sums (shared, generic pointer).
 template <bool kBf16, int K, int M, bool kE4M4>
 __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t tiles, int64_t splits,
                                           int64_t per_split, float* __restrict__ partial, int64_t item,
-                                          int lane, uint32_t tables, uint32_t buffer, char* local, bool wide,
-                                          bool to_slot) {
-  using St = Stage<K, M>;
+                                          int lane, uint32_t tables, uint32_t xs, float* slot, bool to_slot) {
   const int g = lane >> 2;
   const int c = lane & 3;
   const int64_t tile = item % tiles;
@@ -237,43 +228,26 @@ __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t 
   const uint32_t* w1 = a.packed + (r1c * a.nb + b0) * K;
   int64_t si0 = r0c * a.nb + b0;
   int64_t si1 = r1c * a.nb + b0;
-  const uint16_t* xg = a.x + (diag ? mrow * ldx + b0 * kBlock : 0);
-  const uint32_t my_w0 = static_cast<uint32_t>(lane) * K * 4;
-  const uint32_t my_w1 = St::kWords1 + my_w0;
-  const uint32_t my_x = St::kX + static_cast<uint32_t>(c * M + (diag ? mrow : 0)) * kBlock * 2;
-  // The stored scales go through registers, a ring of kStages loaded as far ahead as the stages.
+  // This lane's x block in the shared copy: block (mrow, b0) is chunk 4 (mrow nb + b0); four blocks further
+  // on (the next step) is always 18 chunks further, gaps included (x_chunk_offset).
+  uint32_t my_x = xs + static_cast<uint32_t>(x_chunk_offset(4 * ((diag ? mrow : 0) * a.nb + b0)));
+  constexpr uint32_t kXStep = 16 * (4 * kStep + kStep / 2);
+  // Weights and stored scales go through registers, a ring of kStages steps loaded ahead.
+  uint32_t wr0[kStages][K], wr1[kStages][K];
   uint32_t sc0[kStages], sc1[kStages];
-  // Step `s` of this item into stage `i` (s's copies are one commit group; x only by lanes on the diagonal).
   auto issue = [&](int i) {
-    const uint32_t stage = buffer + i * St::kBytes;
-    if (K == 3 && wide) {
-      // A quad's four blocks are 48 contiguous bytes (16-byte aligned: see launch_gemv), in its lanes' order
-      // in the stage too: three 16-byte copies instead of twelve 4-byte ones. Lane c copies bytes
-      // [16c, 16c + 16) of the quad's run, which start at its own words + 4c bytes.
-      if (c < 3) {
-        copy_16_global(stage + my_w0 + 4 * c, w0 + c);
-        copy_16_global(stage + my_w1 + 4 * c, w1 + c);
-      }
-    } else {
-      copy_words<K>(stage + my_w0, w0);
-      copy_words<K>(stage + my_w1, w1);
-    }
-    if (diag) {
-#pragma unroll
-      for (int v = 0; v < 4; ++v) copy_16_cached(stage + my_x + 16 * v, xg + 8 * v);
-    }
+    load_words_stream<K>(w0, wr0[i]);
+    load_words_stream<K>(w1, wr1[i]);
     sc0[i] = load_scale(kE4M4, a.fmt, a.scales, si0);
     sc1[i] = load_scale(kE4M4, a.fmt, a.scales, si1);
     w0 += kStep * K;
     w1 += kStep * K;
     si0 += kStep;
     si1 += kStep;
-    xg += kStep * kBlock;
   };
 #pragma unroll
   for (int i = 0; i < kStages; ++i) {
     if (i < steps) issue(i);
-    copy_commit();  // empty groups too: the wait below counts groups
   }
   uint32_t xw[16];  // the x operand: x on this lane's block, or zeros off the diagonal (set once)
 #pragma unroll
@@ -282,23 +256,20 @@ __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t 
 #pragma unroll
     for (int i = 0; i < kStages; ++i) {
       if (base + i >= steps) break;
-      copy_wait<kStages - 1>();          // step base + i has landed
-      if (K == 3 && wide) __syncwarp();  // and its quad neighbours' copies of this lane's words too
-      const char* stage = local + i * St::kBytes;
-      uint32_t u0[K], u1[K];
-      load_words<K>(reinterpret_cast<const uint32_t*>(stage + my_w0), u0);
-      load_words<K>(reinterpret_cast<const uint32_t*>(stage + my_w1), u1);
       // Lanes off the diagonal load nothing (a predicated-off lane costs no wavefront) and keep zeros.
-      if (diag) read_x(reinterpret_cast<const uint4*>(stage + my_x), xw);
-      compute_step<kBf16, K, M, kE4M4>(u0, u1, sc0[i], sc1[i], xw, true, a.fmt, t, pair_offset, scale_offset,
-                                       acc);
-      // The stage is free once its words are in registers and used (the mmas above consumed them).
-      if (K == 3 && wide) __syncwarp();  // the quad has read the stage before any lane refills it
+      if (diag) {
+#pragma unroll
+        for (int v = 0; v < 4; ++v) {
+          const uint4 q = load_shared_u128(my_x + 16 * v);
+          xw[4 * v] = q.x, xw[4 * v + 1] = q.y, xw[4 * v + 2] = q.z, xw[4 * v + 3] = q.w;
+        }
+      }
+      my_x += kXStep;
+      compute_step<kBf16, K, M, kE4M4>(wr0[i], wr1[i], sc0[i], sc1[i], xw, true, a.fmt, t, pair_offset,
+                                       scale_offset, acc);
       if (base + i + kStages < steps) issue(i);
-      copy_commit();
     }
   }
-  copy_wait<0>();
   const int64_t rest = end - begin - steps * kStep;
   if (rest > 0) {  // a last step with blocks past `end`: those lanes read a valid block, scale 0, x zeros
     const bool valid = c < rest;
@@ -323,11 +294,8 @@ __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t 
     acc[e] += __shfl_xor_sync(kFull, acc[e], 2);
   }
   if (to_slot) {
-    // The CTA adds the splits up (add_group): this item's 16 x M sums go to the start of the warp's own
-    // buffer, free once every lane's copies have landed (copy_wait above) and every lane has passed here.
-    __syncwarp();
+    // The CTA adds the splits up (add_group): this item's 16 x M sums go to the warp's slot.
     if (c == 0) {
-      float* slot = reinterpret_cast<float*>(local);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         if ((e & 1) < M) slot[(e < 2 ? g : g + 8) * M + (e & 1)] = acc[e];
@@ -350,11 +318,10 @@ __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t 
 }
 
 // The last step of a split reduction summed inside the CTA: tile j of the group (tiles_per_cta at most) had
-// its split s computed by warp j * splits + s, whose sums are at the start of that warp's buffer. Thread i
-// adds output i's splits in split order, which is sum_splits_kernel's order: the same bits either way.
+// its split s computed by warp j * splits + s, whose sums are in that warp's slot. Thread i adds output i's
+// splits in split order, which is sum_splits_kernel's order: the same bits either way.
 template <bool kBf16, int M>
-__device__ __noinline__ void add_group(const MatmulArgs a, const char* smem, uint32_t below,
-                                       uint32_t buf_bytes, uint32_t table_end, int64_t first_tile,
+__device__ __noinline__ void add_group(const MatmulArgs a, const float* slots, int64_t first_tile,
                                        int tiles_here, int splits) {
   const int i = threadIdx.x;
   if (i >= tiles_here * 16 * M) return;
@@ -364,47 +331,50 @@ __device__ __noinline__ void add_group(const MatmulArgs a, const char* smem, uin
   const int m = within % M;
   float s = 0.0f;
   for (int p = 0; p < splits; ++p) {
-    const uint32_t w = static_cast<uint32_t>(j * splits + p);
-    // The kernel's placement of warp w's buffer (gemv_kernel: below the tables, then above them).
-    const uint32_t offset = w < below ? w * buf_bytes : table_end + (w - below) * buf_bytes;
-    const float v = reinterpret_cast<const float*>(smem + offset)[within];
+    const float v = slots[(j * splits + p) * 16 * M + within];
     s = p == 0 ? v : s + v;  // partial 0 itself, not 0 + partial 0 (-0 stays -0)
   }
   if (m < a.m && r < a.n) a.out[m * a.n + r] = to_16<kBf16>(s);
 }
 
-// Persistent CTAs: each builds its tables once, then its warps take (tile, split) items. With
+// Persistent CTAs: each copies x and builds its tables once, then its warps take (tile, split) items. With
 // tiles_per_cta == 0 item w * gridDim.x + blockIdx.x is warp w's first and partial sums, if any, go to the
 // workspace. Otherwise CTA b takes the groups of tiles_per_cta tiles b, b + gridDim.x, ...: warp w computes
 // split w % splits of the group's tile w / splits and the CTA adds the splits (add_group), with no workspace
-// round trip and no second kernel. The two ways are two kernels (kInCta), so that each inlines gemv_item once
-// and the first keeps the registers and prologue it had before the second existed.
+// round trip and no second kernel. The two ways are two kernels (kInCta), so that each inlines gemv_item
+// once.
 template <bool kBf16, int K, int M, bool kE4M4, bool kInCta>
 __global__ void __launch_bounds__(kGvThreads, 1)
     gemv_kernel(MatmulArgs a, int64_t tiles, int64_t splits, int64_t per_split, float* __restrict__ partial,
-                bool wide, int tiles_per_cta) {
+                int tiles_per_cta, uint32_t smem_bytes) {
   extern __shared__ uint4 gv_smem[];
-  constexpr uint32_t kSize = gemv_smem_bytes(K, M);
-  constexpr uint32_t kBuf = warp_buffer_bytes(K, M);
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const float t = a.tensor_scale[0];
   const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(gv_smem));
   const uint32_t tables = (base + 0xffffu) & ~0xffffu;
-  // This warp's buffer: below the tables while whole buffers fit there, else above them.
-  const uint32_t below = (tables - base) / kBuf;
-  const uint32_t buffer =
-      static_cast<uint32_t>(warp) < below ? base + warp * kBuf : tables + kTableBytes + (warp - below) * kBuf;
-  if (buffer + kBuf > base + kSize) __trap();  // impossible by gemv_smem_bytes' arithmetic
-  build_gemv_tables<kBf16, K>(a.codebook, a.fmt, t, gv_smem + (tables - base) / 16);
+  // The region (x, then the slots): below the tables if it fits there, else above them.
+  const uint32_t region_size = static_cast<uint32_t>(region_bytes(M, a.nb));
+  const uint32_t region = tables - base >= region_size ? base : tables + kTableBytes;
+  if (region + region_size > base + smem_bytes) __trap();  // impossible by gemv_smem_bytes' arithmetic
   char* smem = reinterpret_cast<char*>(gv_smem);
-  char* local = smem + (buffer - base);
+  {
+    // The copy of x: chunk q of M rows of nb blocks (4 chunks a block), x_chunk_offset apart.
+    const uint4* xg = reinterpret_cast<const uint4*>(a.x);
+    const int64_t chunks = M * a.nb * 4;
+    for (int64_t q = threadIdx.x; q < chunks; q += kGvThreads) {
+      *reinterpret_cast<uint4*>(smem + (region - base) + x_chunk_offset(q)) = xg[q];
+    }
+  }
+  build_gemv_tables<kBf16, K>(a.codebook, a.fmt, t, gv_smem + (tables - base) / 16);
+  float* slots = reinterpret_cast<float*>(smem + (region - base) + x_copy_bytes(M, a.nb));
+  float* slot = slots + warp * 16 * M;
   __syncthreads();
   if constexpr (!kInCta) {
     for (int64_t item = static_cast<int64_t>(warp) * gridDim.x + blockIdx.x; item < tiles * splits;
          item += static_cast<int64_t>(gridDim.x) * kGvWarps) {
-      gemv_item<kBf16, K, M, kE4M4>(a, t, tiles, splits, per_split, partial, item, lane, tables, buffer,
-                                    local, wide, false);
+      gemv_item<kBf16, K, M, kE4M4>(a, t, tiles, splits, per_split, partial, item, lane, tables, region, slot,
+                                    false);
     }
   } else {
     // The loop's exit depends on the block alone: every thread reaches the same barriers.
@@ -413,14 +383,13 @@ __global__ void __launch_bounds__(kGvThreads, 1)
       const int64_t tile = group * tiles_per_cta + warp / splits;
       if (warp < tiles_per_cta * splits && tile < tiles) {
         gemv_item<kBf16, K, M, kE4M4>(a, t, tiles, splits, per_split, partial, (warp % splits) * tiles + tile,
-                                      lane, tables, buffer, local, wide, true);
+                                      lane, tables, region, slot, true);
       }
       __syncthreads();  // every split's sums are in place
       const int64_t first = group * tiles_per_cta;
       const int here = static_cast<int>(tiles - first < tiles_per_cta ? tiles - first : tiles_per_cta);
-      add_group<kBf16, M>(a, smem, below, kBuf, tables + kTableBytes - base, first, here,
-                          static_cast<int>(splits));
-      __syncthreads();  // and read before the buffers take the next group's steps
+      add_group<kBf16, M>(a, slots, first, here, static_cast<int>(splits));
+      __syncthreads();  // and read before the slots take the next group's sums
     }
   }
 }
@@ -462,35 +431,10 @@ inline GemvPlan plan_gemv(int64_t n, int64_t nb, int64_t count, int64_t workspac
           static_cast<unsigned>(std::min<int64_t>(units, resident_ctas))};
 }
 
-template <bool kBf16, int K, int M, bool kE4M4>
-ffi::Error launch_gemv(cudaStream_t stream, const MatmulArgs& a) {
-  auto* kernel = gemv_kernel<kBf16, K, M, kE4M4, false>;
-  auto* cta_kernel = gemv_kernel<kBf16, K, M, kE4M4, true>;
-  constexpr int kGvSmem = gemv_smem_bytes(K, M);
-  static DeviceCache cache{}, cta_cache{};
-  const int per_sm = occupancy(cache, kernel, kGvThreads, kGvSmem);  // opts in to kGvSmem (> 48 KB) first
-  if (per_sm < 1 || occupancy(cta_cache, cta_kernel, kGvThreads, kGvSmem) != per_sm) {
-    return launch_error("gemv shared memory attribute or occupancy query");
-  }
-  const int64_t sms = sm_count() > 0 ? sm_count() : 132;
-  const int64_t count = a.m * a.n;
-  const GemvPlan p = plan_gemv(a.n, a.nb, count, a.workspace_floats, sms * per_sm);
-  float* partial = p.splits > 1 && p.tiles_per_cta == 0 ? a.workspace : nullptr;
-  // K = 3: a quad's blocks start 16-byte aligned when every row and split does (nb and the splits' starts
-  // multiples of 4 blocks: choose_split's parts are whole chunks of 8) and the weights do.
-  const bool wide = K == 3 && a.nb % 4 == 0 && reinterpret_cast<uintptr_t>(a.packed) % 16 == 0;
-  (p.tiles_per_cta > 0 ? cta_kernel : kernel)<<<p.ctas, kGvThreads, kGvSmem, stream>>>(
-      a, p.tiles, p.splits, p.per_split, partial, wide, p.tiles_per_cta);
-  if (partial != nullptr) launch_sum_splits<kBf16>(stream, partial, p.splits, count, a.out);
-  return launch_error("gemv");
-}
-
-}  // namespace
-
-bool gemv_supported(int k, int64_t m) {
-  if (k < 2 || k > 4 || m < 1 || m > 2) return false;
+// The most dynamic shared memory a CTA may ask for on this device (0 if the query fails).
+int smem_optin() {
   static DeviceCache cache{};
-  const int optin = per_device(cache, [] {
+  return per_device(cache, [] {
     int device = 0, bytes = 0;
     if (cudaGetDevice(&device) != cudaSuccess ||
         cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
@@ -498,7 +442,38 @@ bool gemv_supported(int k, int64_t m) {
     }
     return bytes;
   });
-  return optin >= gemv_smem_bytes(k, static_cast<int>(m));
+}
+
+template <bool kBf16, int K, int M, bool kE4M4>
+ffi::Error launch_gemv(cudaStream_t stream, const MatmulArgs& a) {
+  auto* kernel = gemv_kernel<kBf16, K, M, kE4M4, false>;
+  auto* cta_kernel = gemv_kernel<kBf16, K, M, kE4M4, true>;
+  // Both kernels are opted in to the most the device allows once; each launch asks for what x's size needs.
+  const int optin = smem_optin();
+  const int64_t smem = gemv_smem_bytes(M, a.nb);
+  static DeviceCache cache{}, cta_cache{};
+  const int per_sm = occupancy(cache, kernel, kGvThreads, optin);
+  if (smem > optin) {  // gemv_supported said no: the matmul handler does not call this then
+    return ffi::Error(ffi::ErrorCode::kInternal, "jax_kbit: gemv: x does not fit the kernel's shared memory");
+  }
+  if (per_sm < 1 || occupancy(cta_cache, cta_kernel, kGvThreads, optin) != per_sm) {
+    return launch_error("gemv shared memory attribute or occupancy query");
+  }
+  const int64_t sms = sm_count() > 0 ? sm_count() : 132;
+  const int64_t count = a.m * a.n;
+  const GemvPlan p = plan_gemv(a.n, a.nb, count, a.workspace_floats, sms * per_sm);
+  float* partial = p.splits > 1 && p.tiles_per_cta == 0 ? a.workspace : nullptr;
+  (p.tiles_per_cta > 0 ? cta_kernel : kernel)<<<p.ctas, kGvThreads, static_cast<size_t>(smem), stream>>>(
+      a, p.tiles, p.splits, p.per_split, partial, p.tiles_per_cta, static_cast<uint32_t>(smem));
+  if (partial != nullptr) launch_sum_splits<kBf16>(stream, partial, p.splits, count, a.out);
+  return launch_error("gemv");
+}
+
+}  // namespace
+
+bool gemv_supported(int k, int64_t m, int64_t nb) {
+  if (k < 2 || k > 4 || m < 1 || m > 2) return false;
+  return smem_optin() >= gemv_smem_bytes(m, nb);
 }
 
 ffi::Error run_gemv(cudaStream_t stream, const MatmulArgs& a, bool bf16, int k) {

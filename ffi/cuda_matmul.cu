@@ -425,7 +425,7 @@ ffi::Error MatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U3
                      workspace->typed_data(),
                      static_cast<int64_t>(workspace->element_count())};
   const bool bf16 = x.element_type() == ffi::DataType::BF16;
-  if (gemv_supported(L.k, L.m)) return run_gemv(stream, a, bf16, L.k);
+  if (gemv_supported(L.k, L.m, L.nb)) return run_gemv(stream, a, bf16, L.k);
   ffi::Error result = ffi::Error::Success();
   with_k(L.k, [&](auto kc) {
     constexpr int K = decltype(kc)::value;

@@ -420,6 +420,22 @@ def test_gpu_decode_kernel_wide_output_one_split(rng, m):
         np.testing.assert_array_equal(y.view(np.uint16), again.view(np.uint16))
 
 
+@pytest.mark.parametrize("m", (1, 2))
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU is None or not jk.cuda_built(), reason="needs a CUDA GPU and the CUDA build")
+def test_gpu_decode_kernel_long_x(rng, m):
+    # The batch-1 kernel keeps a copy of x in shared memory beside its 64 KB of tables: below them while it
+    # fits the gap their 64 KB alignment leaves (16000 inputs, one row), above them otherwise (16000 x two
+    # rows, 28672 x one), and products whose x does not fit at all (28672 x two rows, 40000) go to the
+    # 16-row kernel. Every one is the reference's product, with the same bits on a second call.
+    for din, dout in ((16000, 24), (28672, 20), (40000, 20)):
+        for k in (2, 3, 4):
+            x, q = make(rng, m, din, dout, k, BF16)
+            y = check(x, q, GPU, f"k={k} m={m} in={din} out={dout} {rng}")
+            again = np.asarray(jax.jit(jk.matmul)(jax.device_put(x, GPU), jax.device_put(q, GPU)))
+            np.testing.assert_array_equal(y.view(np.uint16), again.view(np.uint16))
+
+
 @pytest.mark.parametrize("scale_format", SCALE_FORMATS)
 @pytest.mark.parametrize("m", (1, 2))
 @pytest.mark.gpu
