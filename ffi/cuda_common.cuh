@@ -117,6 +117,26 @@ inline dim3 full_grid_for(int64_t warp_steps, int64_t groups) {
               static_cast<unsigned>(std::min<int64_t>(groups, 65535)));
 }
 
+// Shared-memory loads by 32-bit shared address (volatile: kept where they are written, after the barriers
+// that publish what they read).
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ uint2 load_shared_u64(uint32_t address) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(address));
+  return v;
+}
+
+__device__ __forceinline__ uint4 load_shared_u128(uint32_t address) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(address));
+  return v;
+}
+
 inline ffi::Error launch_error(const char* what) {
   const cudaError_t err = cudaGetLastError();
   if (err == cudaSuccess) return ffi::Error::Success();

@@ -56,14 +56,6 @@ __device__ __forceinline__ void build_gemv_tables(const float* __restrict__ code
   }
 }
 
-__device__ __forceinline__ uint4 load_shared_u128(uint32_t address) {
-  uint4 v;
-  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "r"(address));
-  return v;
-}
-
 // Entry (byte q of p) of a table row, at the lane's bank. lane_address is the shared address of the lane's
 // word in row 0 (bits 8..15 zero); the permute puts the entry number into bits 8..15.
 __device__ __forceinline__ uint32_t row_lookup(uint32_t p, uint32_t lane_address, int q) {

@@ -114,24 +114,6 @@ __device__ __noinline__ void quantize_tile_exact(const typename In::Storage* __r
   }
 }
 
-__device__ __forceinline__ uint32_t shared_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ uint2 load_shared_u64(uint32_t address) {
-  uint2 v;
-  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(address));
-  return v;
-}
-
-__device__ __forceinline__ uint4 load_shared_u128(uint32_t address) {
-  uint4 v;
-  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "r"(address));
-  return v;
-}
-
 // Builds group g's search tables in shared memory (every thread of the CTA calls it; it starts and ends with
 // a barrier): cs, whether the bucket table serves this codebook (ok), and the bucket table replicated per
 // lane, entry j for lane l at [32 j + l] as make_entry(bucket_entry(cs, j)). The entries are computed once
