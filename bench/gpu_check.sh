@@ -12,7 +12,8 @@
 # the M = 1 fused matmul kernel), ncu_src_quantize / ncu_src_matmul (every section and per-SASS-instruction
 # stall samples as CSV, of the quantize kernel / of the matmul at MATMUL_M rows, default 16), sass
 # (disassembly of the CUDA module), probe_codec (bench/probe_codec_ceiling.cu: what memory allows for
-# quantize- and dequantize-shaped traffic against copy), probe_fixed (bench/probe_gemv_fixed.cu: a decode-sized
+# quantize- and dequantize-shaped traffic against copy), probe_access (bench/probe_gemv_access.cu: the batch-1
+# kernel's weight reads per layout and walk), probe_fixed (bench/probe_gemv_fixed.cu: a decode-sized
 # batch-1 product's time by part: launch, table build, loads, split sum).
 # PYTEST_ARGS: extra arguments for the tests step (e.g. --ignore a file already run on the same kernels);
 # PYTEST_K: a -k expression for it (may contain spaces). KBIT_COMMIT: the commit to print (see below).
@@ -108,6 +109,8 @@ for s in $steps; do
       echo "sass: rc=$? ($(wc -l <"$OUT/sass.txt") lines)" ;;
     probe_codec)  # the bandwidth ceiling of quantize- and dequantize-shaped traffic (needs no build)
       TAIL=12 step probe_codec bash -c "nvcc -O3 -arch=sm_90 -o /tmp/probe_codec '$repo/bench/probe_codec_ceiling.cu' && /tmp/probe_codec" ;;
+    probe_access)  # the batch-1 kernel's weight reads per layout and walk, nothing computed (needs no build)
+      TAIL=16 step probe_access bash -c "nvcc -O3 -arch=sm_90 -o /tmp/probe_access '$repo/bench/probe_gemv_access.cu' && /tmp/probe_access" ;;
     probe_fixed)  # a decode-sized batch-1 product's fixed costs (compiles the library's kernel in; jaxlib headers)
       TAIL=12 step probe_fixed bash -c "nvcc -std=c++17 -O3 -arch=sm_90 --fmad=false -diag-suppress=940,2473 \
         -I '$repo/ffi' -I \"\$(python3 -c 'import jax.ffi as f; print(f.include_dir())')\" \

@@ -1,10 +1,18 @@
 // A probe, not part of the library: how fast can a batch-1 matmul kernel *read* k-bit weights, depending on
 // how they are laid out and walked? It reads the bytes the fused kernel reads (K = 4: 16 bytes per block of
-// 32 weights), with the same grid (one 768-thread CTA per SM, warps taking (16-row tile, split) items), and
-// does nothing with them but XOR them together, so the figures are the memory ceiling of each access pattern:
-//   rows64   format v1 rows, a warp step = 16 rows x 4 blocks (64 bytes per row): what cuda_gemv.cu reads
+// 32 weights), with the grid the kernel had until the thirteenth session (one 768-thread CTA per SM, warps
+// taking (16-row tile, split) items), and does nothing with them but XOR them together, so the figures are
+// the memory ceiling of each access pattern:
+//   rows64   format v1 rows, a warp step = 16 rows x 4 blocks (64 bytes per row), four steps at a time
 //   rows128  format v1 rows, a warp step = 16 rows x 8 blocks (a whole 128-byte line per row)
 //   tiled    the same words stored tile by tile, so a warp's whole item is one contiguous run of memory
+// A second table asks why the register kernel (since the fourteenth session: weights loaded into a ring of
+// four steps, one step refilled after each step's arithmetic) reads format v1 rows at about 2.2 TB/s where
+// rows64, whose four steps go out back to back, reaches about 3.4: whether the memory system serves a row's
+// 64-byte pieces more slowly when they are requested a step's arithmetic apart than as one 256-byte burst.
+// With the library's grid (16 warps a CTA, items dealt round the CTAs), the ring is refilled one step at a
+// time (ring1, as the kernel does) or two at a time (ring2: each row's next 128 bytes requested together),
+// with a pause of D ns per step (__nanosleep: the arithmetic's time, without taking issue slots).
 // Build and run: nvcc -O3 -arch=sm_90 -o /tmp/probe bench/probe_gemv_access.cu && /tmp/probe
 #include <cuda_runtime.h>
 
@@ -78,6 +86,50 @@ __global__ void __launch_bounds__(kThreads, 1) probe(const uint4* __restrict__ w
   if (acc == 0x9e3779b9u) atomicAdd(out, 1u);  // keeps the loads alive
 }
 
+constexpr int kRingWarps = 16;
+constexpr int kRing = 4;
+
+// The register kernel's walk of format v1 rows (one split of the reduction per item here): a ring of kRing
+// steps, slot i refilled after step i is consumed (kPair false) or slots i - 1 and i after odd steps (true).
+template <bool kPair>
+__global__ void __launch_bounds__(kRingWarps * 32, 1)
+    probe_ring(const uint4* __restrict__ w, int64_t n, int64_t nb, unsigned pause_ns, uint32_t* out) {
+  const int lane = threadIdx.x & 31;
+  const int g = lane >> 2, c = lane & 3;
+  const int64_t tiles = n / 16;
+  uint32_t acc = 0;
+  for (int64_t tile = static_cast<int64_t>(threadIdx.x >> 5) * gridDim.x + blockIdx.x; tile < tiles;
+       tile += static_cast<int64_t>(gridDim.x) * kRingWarps) {
+    const uint4* p0 = w + (tile * 16 + g) * nb + c;
+    const uint4* p1 = p0 + 8 * nb;
+    const int64_t steps = nb / 4;
+    uint4 v0[kRing], v1[kRing];
+#pragma unroll
+    for (int i = 0; i < kRing; ++i) {
+      if (i < steps) v0[i] = ld_stream(p0 + 4 * i), v1[i] = ld_stream(p1 + 4 * i);
+    }
+    for (int64_t base = 0; base < steps; base += kRing) {
+#pragma unroll
+      for (int i = 0; i < kRing; ++i) {
+        if (base + i >= steps) break;
+        acc ^= fold(v0[i]) ^ fold(v1[i]);
+        if (pause_ns != 0) __nanosleep(pause_ns);
+        if constexpr (!kPair) {
+          const int64_t next = base + i + kRing;
+          if (next < steps) v0[i] = ld_stream(p0 + 4 * next), v1[i] = ld_stream(p1 + 4 * next);
+        } else if (i % 2 == 1) {
+#pragma unroll
+          for (int j = i - 1; j <= i; ++j) {
+            const int64_t next = base + j + kRing;
+            if (next < steps) v0[j] = ld_stream(p0 + 4 * next), v1[j] = ld_stream(p1 + 4 * next);
+          }
+        }
+      }
+    }
+  }
+  if (acc == 0x9e3779b9u) atomicAdd(out, 1u);
+}
+
 // The split of cuda_mma.cuh's choose_split (chunk: 16 blocks here, the probe's unit of work).
 static void choose(int64_t nb, int64_t tiles, int64_t resident, int64_t chunk, int64_t* splits,
                    int64_t* per) {
@@ -135,6 +187,25 @@ int main() {
     us[2] = time([&] { probe<2><<<sms, kThreads>>>(w, n, nb, splits, per, out); });
     std::printf("%5lldx%-6lld %6lld %7lld", (long long)in, (long long)n, (long long)splits, (long long)per);
     for (double u : us) std::printf(" %5.1f/%-4.0f", u, bytes / u / 1e3);
+    std::printf("\n");
+  }
+  // The register kernel's walk, on the shapes where the library takes one split (8192 x 28672: the output's
+  // tiles fill at least half the resident warps; the others split the reduction, which this walk does not).
+  const unsigned pauses[] = {0, 100, 200, 400};
+  std::printf("\nring of %d steps, %d warps a CTA, one item per 16 rows (us, GB/s read)\n%12s", kRing,
+              kRingWarps, "in x out");
+  for (unsigned p : pauses) std::printf("  ring1 %3uns ring2 %3uns", p, p);
+  std::printf("\n");
+  for (auto& s : shapes) {
+    const int64_t in = s[0], n = s[1], nb = in / 32, bytes = n * nb * 16;
+    if (2 * (n / 16) < int64_t(sms) * kRingWarps) continue;
+    const unsigned ctas = static_cast<unsigned>(std::min<int64_t>(sms, n / 16));
+    std::printf("%5lldx%-6lld", (long long)in, (long long)n);
+    for (unsigned p : pauses) {
+      const double a = time([&] { probe_ring<false><<<ctas, kRingWarps * 32>>>(w, n, nb, p, out); });
+      const double b = time([&] { probe_ring<true><<<ctas, kRingWarps * 32>>>(w, n, nb, p, out); });
+      std::printf("  %5.1f/%-4.0f %5.1f/%-4.0f", a, bytes / a / 1e3, b, bytes / b / 1e3);
+    }
     std::printf("\n");
   }
   return 0;
