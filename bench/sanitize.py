@@ -37,8 +37,8 @@ for k, shape in ((4, (3, 70, 64)), (3, (3, 13, 81)), (5, (3, 13, 81))):
 # fused matmul and the fused transposed product (on for this run; off by default): every K and x dtype,
 # each row-tile variant (M <= 8, 16, 32), a partial tile of output rows, a partial chunk of blocks, a split
 # reduction (in = 4096 forward, out = 4096 transposed) and f16 / f32 scales; one and two rows take the
-# batch-1 kernel (K <= 4; its cp.async pipeline over many steps, a tail step, split reductions added in the
-# CTA and, at 32 splits, through the workspace)
+# batch-1 kernel (K <= 4; its register ring over many steps and x copied into shared memory, a tail step,
+# split reductions added in the CTA and, at 32 splits, through the workspace)
 importlib.import_module("jax_kbit.matmul").cuda_fused_transposed = True
 for k in (2, 3, 4, 5):
     for dtype in (jnp.float16, jnp.bfloat16):

@@ -444,8 +444,7 @@ def test_gpu_decode_kernel(rng, m, scale_format):
     # One or two rows at K <= 4 take the block-diagonal kernel (ffi/cuda_gemv.cu): four blocks per step, so
     # sizes around multiples of 4 blocks (a lone partial step, one step plus a tail), a partial tile of 16
     # rows, split reductions, more work items than resident warps (51200 and 52000 outputs: some warps
-    # take a second item), non-finite blocks and inputs, and the same bits on a second call. At K = 3,
-    # in = 256 and 8192 (block counts divisible by 4) take the 16-byte weight copies, the others do not.
+    # take a second item), non-finite blocks and inputs, and the same bits on a second call.
     # Split reductions are added up inside the CTA (8192 x 64: 16 splits, one tile a CTA; 1024 x 2200: two
     # splits, two tiles a CTA on a 132-SM GPU) unless they have more splits than a CTA has warps
     # (16384 x 40: 32 splits, through the workspace and the sum kernel).
