@@ -59,17 +59,21 @@ int per_device(DeviceCache& cache, Query query) {
   return v;
 }
 
-inline int sm_count() {
+// An attribute of the current device, kept per device (one cache per attribute); 0 if the query fails.
+template <cudaDeviceAttr kAttr>
+int device_attribute() {
   static DeviceCache cache{};
   return per_device(cache, [] {
-    int device = 0, count = 0;
+    int device = 0, value = 0;
     if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+        cudaDeviceGetAttribute(&value, kAttr, device) != cudaSuccess) {
       return 0;
     }
-    return count;
+    return value;
   });
 }
+
+inline int sm_count() { return device_attribute<cudaDevAttrMultiProcessorCount>(); }
 
 // CTAs of `kernel` (`threads` threads, `smem` bytes of dynamic shared memory) that fit on one SM at once,
 // kept in `cache` (one per kernel: kernels of one signature share this template's instantiation); above

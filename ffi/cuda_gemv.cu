@@ -424,17 +424,7 @@ inline GemvPlan plan_gemv(int64_t n, int64_t nb, int64_t count, int64_t workspac
 }
 
 // The most dynamic shared memory a CTA may ask for on this device (0 if the query fails).
-int smem_optin() {
-  static DeviceCache cache{};
-  return per_device(cache, [] {
-    int device = 0, bytes = 0;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
-      return 0;
-    }
-    return bytes;
-  });
-}
+int smem_optin() { return device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(); }
 
 template <bool kBf16, int K, int M, bool kE4M4>
 ffi::Error launch_gemv(cudaStream_t stream, const MatmulArgs& a) {
