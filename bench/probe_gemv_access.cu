@@ -12,7 +12,8 @@
 // 64-byte pieces more slowly when they are requested a step's arithmetic apart than as one 256-byte burst.
 // With the library's grid (16 warps a CTA, items dealt round the CTAs), the ring is refilled one step at a
 // time (ring1, as the kernel does) or two at a time (ring2: each row's next 128 bytes requested together),
-// with a pause of D ns per step (__nanosleep: the arithmetic's time, without taking issue slots).
+// with a pause of D ns per step (__nanosleep: the arithmetic's time, without taking issue slots); ringT walks
+// the tiled layout (as the tiled column of the first table) refilling one step at a time.
 // Build and run: nvcc -O3 -arch=sm_90 -o /tmp/probe bench/probe_gemv_access.cu && /tmp/probe
 #include <cuda_runtime.h>
 
@@ -89,9 +90,10 @@ __global__ void __launch_bounds__(kThreads, 1) probe(const uint4* __restrict__ w
 constexpr int kRingWarps = 16;
 constexpr int kRing = 4;
 
-// The register kernel's walk of format v1 rows (one split of the reduction per item here): a ring of kRing
-// steps, slot i refilled after step i is consumed (kPair false) or slots i - 1 and i after odd steps (true).
-template <bool kPair>
+// The register kernel's walk (one split of the reduction per item here): a ring of kRing steps of format v1
+// rows, slot i refilled after step i is consumed (kMode 0) or slots i - 1 and i after odd steps (1); kMode 2
+// reads the tiled layout one step at a time.
+template <int kMode>
 __global__ void __launch_bounds__(kRingWarps * 32, 1)
     probe_ring(const uint4* __restrict__ w, int64_t n, int64_t nb, unsigned pause_ns, uint32_t* out) {
   const int lane = threadIdx.x & 31;
@@ -100,13 +102,15 @@ __global__ void __launch_bounds__(kRingWarps * 32, 1)
   uint32_t acc = 0;
   for (int64_t tile = static_cast<int64_t>(threadIdx.x >> 5) * gridDim.x + blockIdx.x; tile < tiles;
        tile += static_cast<int64_t>(gridDim.x) * kRingWarps) {
-    const uint4* p0 = w + (tile * 16 + g) * nb + c;
-    const uint4* p1 = p0 + 8 * nb;
+    // Rows: piece s of a row is block 4 s + c. Tiled: step s of the tile is 64 pieces, rows g and g + 8.
+    const uint4* p0 = kMode == 2 ? w + tile * 16 * nb + lane : w + (tile * 16 + g) * nb + c;
+    const uint4* p1 = kMode == 2 ? p0 + 32 : p0 + 8 * nb;
+    constexpr int64_t kPiece = kMode == 2 ? 64 : 4;  // elements of w from one step to the next
     const int64_t steps = nb / 4;
     uint4 v0[kRing], v1[kRing];
 #pragma unroll
     for (int i = 0; i < kRing; ++i) {
-      if (i < steps) v0[i] = ld_stream(p0 + 4 * i), v1[i] = ld_stream(p1 + 4 * i);
+      if (i < steps) v0[i] = ld_stream(p0 + kPiece * i), v1[i] = ld_stream(p1 + kPiece * i);
     }
     for (int64_t base = 0; base < steps; base += kRing) {
 #pragma unroll
@@ -114,9 +118,9 @@ __global__ void __launch_bounds__(kRingWarps * 32, 1)
         if (base + i >= steps) break;
         acc ^= fold(v0[i]) ^ fold(v1[i]);
         if (pause_ns != 0) __nanosleep(pause_ns);
-        if constexpr (!kPair) {
+        if constexpr (kMode != 1) {
           const int64_t next = base + i + kRing;
-          if (next < steps) v0[i] = ld_stream(p0 + 4 * next), v1[i] = ld_stream(p1 + 4 * next);
+          if (next < steps) v0[i] = ld_stream(p0 + kPiece * next), v1[i] = ld_stream(p1 + kPiece * next);
         } else if (i % 2 == 1) {
 #pragma unroll
           for (int j = i - 1; j <= i; ++j) {
@@ -194,7 +198,7 @@ int main() {
   const unsigned pauses[] = {0, 100, 200, 400};
   std::printf("\nring of %d steps, %d warps a CTA, one item per 16 rows (us, GB/s read)\n%12s", kRing,
               kRingWarps, "in x out");
-  for (unsigned p : pauses) std::printf("  ring1 %3uns ring2 %3uns", p, p);
+  for (unsigned p : pauses) std::printf("  ring1 %3uns ring2 %3uns ringT %3uns", p, p, p);
   std::printf("\n");
   for (auto& s : shapes) {
     const int64_t in = s[0], n = s[1], nb = in / 32, bytes = n * nb * 16;
@@ -202,9 +206,11 @@ int main() {
     const unsigned ctas = static_cast<unsigned>(std::min<int64_t>(sms, n / 16));
     std::printf("%5lldx%-6lld", (long long)in, (long long)n);
     for (unsigned p : pauses) {
-      const double a = time([&] { probe_ring<false><<<ctas, kRingWarps * 32>>>(w, n, nb, p, out); });
-      const double b = time([&] { probe_ring<true><<<ctas, kRingWarps * 32>>>(w, n, nb, p, out); });
-      std::printf("  %5.1f/%-4.0f %5.1f/%-4.0f", a, bytes / a / 1e3, b, bytes / b / 1e3);
+      const double a = time([&] { probe_ring<0><<<ctas, kRingWarps * 32>>>(w, n, nb, p, out); });
+      const double b = time([&] { probe_ring<1><<<ctas, kRingWarps * 32>>>(w, n, nb, p, out); });
+      const double c = time([&] { probe_ring<2><<<ctas, kRingWarps * 32>>>(w, n, nb, p, out); });
+      std::printf("  %5.1f/%-4.0f %5.1f/%-4.0f %5.1f/%-4.0f", a, bytes / a / 1e3, b, bytes / b / 1e3, c,
+                  bytes / c / 1e3);
     }
     std::printf("\n");
   }

@@ -34,8 +34,9 @@ void matmul_rows(const MatmulLayout& L, const float* xf, const uint32_t* packed,
   const int64_t ldx = L.nb * kBlock;
   for (int64_t n = begin; n < end; ++n) {
     for (int64_t b = 0; b < L.nb; ++b) {
-      const uint32_t* w = packed + (n * L.nb + b) * K;
-      block_scales[b] = decode_scale(L.format, read_scale(scales, n * L.nb + b, L.format), t);
+      const int64_t i = block_index(n, b, L.nb, L.tiled);
+      const uint32_t* w = packed + i * K;
+      block_scales[b] = decode_scale(L.format, read_scale(scales, i, L.format), t);
       float* v = values.data() + b * kBlock;
       for (int i = 0; i < kBlock; ++i) {
         uint32_t code = 0;
@@ -67,8 +68,9 @@ void matmul_t_blocks(const MatmulLayout& L, int64_t d, const float* gf, const ui
   for (int64_t b = begin; b < end; ++b) {
     std::fill(acc.begin(), acc.end(), 0.0f);
     for (int64_t o = 0; o < L.n; ++o) {
-      const uint32_t* w = packed + (o * L.nb + b) * K;
-      const float s = decode_scale(L.format, read_scale(scales, o * L.nb + b, L.format), t);
+      const int64_t bi = block_index(o, b, L.nb, L.tiled);
+      const uint32_t* w = packed + bi * K;
+      const float s = decode_scale(L.format, read_scale(scales, bi, L.format), t);
       for (int i = 0; i < kBlock; ++i) {
         uint32_t code = 0;
         for (int j = 0; j < K; ++j) code |= ((w[j] >> i) & 1u) << j;
@@ -113,12 +115,16 @@ void with_float_operand(const ffi::AnyBuffer& a, int64_t count, ffi::Result<ffi:
   }
 }
 
+// kTiled: the words and scales in tile order (kbit_format.h). It is a separate handler name rather than an
+// attribute, so that modules exported before tiled matrices existed still bind to the plain one.
+template <bool kTiled>
 ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::U32> packed,
                       ffi::AnyBuffer scales, ffi::Buffer<ffi::F32> codebook,
                       ffi::Buffer<ffi::F32> tensor_scale, ffi::Result<ffi::AnyBuffer> out, int32_t k,
                       int32_t scale_format) {
   MatmulLayout L;
-  if (ffi::Error e = matmul_layout_of(x, packed, scales, codebook, tensor_scale, *out, k, scale_format, &L);
+  if (ffi::Error e =
+          matmul_layout_of(x, packed, scales, codebook, tensor_scale, *out, k, scale_format, kTiled, &L);
       e.failure()) {
     return e;
   }
@@ -138,13 +144,14 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::U
   return ffi::Error::Success();
 }
 
+template <bool kTiled>
 ffi::Error MatmulTImpl(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::Buffer<ffi::U32> packed,
                        ffi::AnyBuffer scales, ffi::Buffer<ffi::F32> codebook,
                        ffi::Buffer<ffi::F32> tensor_scale, ffi::Result<ffi::AnyBuffer> out, int32_t k,
                        int32_t scale_format, int64_t d) {
   MatmulLayout L;
-  if (ffi::Error e =
-          matmul_t_layout_of(g, packed, scales, codebook, tensor_scale, *out, k, scale_format, d, &L);
+  if (ffi::Error e = matmul_t_layout_of(g, packed, scales, codebook, tensor_scale, *out, k, scale_format,
+                                        kTiled, d, &L);
       e.failure()) {
     return e;
   }
@@ -164,30 +171,26 @@ ffi::Error MatmulTImpl(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::Buffer<ffi::
   return ffi::Error::Success();
 }
 
+// The bindings, shared by the plain and the tiled handler of each product.
+auto matmul_binding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::Buffer<ffi::U32>>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::AnyBuffer>()
+      .Attr<int32_t>("k")
+      .Attr<int32_t>("scale_format");
+}
+
+auto matmul_t_binding() { return matmul_binding().Attr<int64_t>("d"); }
+
 }  // namespace
 }  // namespace kbit
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulTCpu, kbit::MatmulTImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::U32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int32_t>("k")
-                                  .Attr<int32_t>("scale_format")
-                                  .Attr<int64_t>("d"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulCpu, kbit::MatmulImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::U32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int32_t>("k")
-                                  .Attr<int32_t>("scale_format"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulCpu, kbit::MatmulImpl<false>, kbit::matmul_binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulTiledCpu, kbit::MatmulImpl<true>, kbit::matmul_binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulTCpu, kbit::MatmulTImpl<false>, kbit::matmul_t_binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulTTiledCpu, kbit::MatmulTImpl<true>, kbit::matmul_t_binding());

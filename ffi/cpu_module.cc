@@ -13,6 +13,8 @@ NB_MODULE(_kbit_cpu, m) {
     d["kbit_dequantize"] = nb::capsule(reinterpret_cast<void*>(KbitDequantizeCpu));
     d["kbit_matmul"] = nb::capsule(reinterpret_cast<void*>(KbitMatmulCpu));
     d["kbit_matmul_t"] = nb::capsule(reinterpret_cast<void*>(KbitMatmulTCpu));
+    d["kbit_matmul_tiled"] = nb::capsule(reinterpret_cast<void*>(KbitMatmulTiledCpu));
+    d["kbit_matmul_t_tiled"] = nb::capsule(reinterpret_cast<void*>(KbitMatmulTTiledCpu));
     return d;
   });
 }

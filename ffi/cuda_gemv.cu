@@ -216,10 +216,14 @@ __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t 
 
   const int64_t steps = (end - begin) / kStep;  // steps whose four blocks are all in the split
   const int64_t b0 = begin + c;
-  const uint32_t* w0 = a.packed + (r0c * a.nb + b0) * K;
-  const uint32_t* w1 = a.packed + (r1c * a.nb + b0) * K;
-  int64_t si0 = r0c * a.nb + b0;
-  int64_t si1 = r1c * a.nb + b0;
+  // Block b0 of both rows, and the distance from a step's blocks to the next step's: 4 blocks along the row,
+  // or in tile order (begin is a multiple of 8) the next 16 x 4 blocks, so that the warp's loads of a row
+  // half-tile are 512 contiguous bytes (at K = 4) rather than 64 bytes from each of 8 rows.
+  int64_t si0 = block_index(r0c, b0, a.nb, a.tiled);
+  int64_t si1 = block_index(r1c, b0, a.nb, a.tiled);
+  const int64_t step_blocks = a.tiled ? kTileRows * kTileBlocks : kStep;
+  const uint32_t* w0 = a.packed + si0 * K;
+  const uint32_t* w1 = a.packed + si1 * K;
   // This lane's x block in the shared copy: block (mrow, b0) is chunk 4 (mrow nb + b0); four blocks further
   // on (the next step) is always 18 chunks further, gaps included (x_chunk_offset).
   uint32_t my_x = xs + static_cast<uint32_t>(x_chunk_offset(4 * ((diag ? mrow : 0) * a.nb + b0)));
@@ -232,10 +236,10 @@ __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t 
     load_words_stream<K>(w1, wr1[i]);
     sc0[i] = load_scale(kE4M4, a.fmt, a.scales, si0);
     sc1[i] = load_scale(kE4M4, a.fmt, a.scales, si1);
-    w0 += kStep * K;
-    w1 += kStep * K;
-    si0 += kStep;
-    si1 += kStep;
+    w0 += step_blocks * K;
+    w1 += step_blocks * K;
+    si0 += step_blocks;
+    si1 += step_blocks;
   };
 #pragma unroll
   for (int i = 0; i < kStages; ++i) {
@@ -264,20 +268,22 @@ __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t 
   }
   const int64_t rest = end - begin - steps * kStep;
   if (rest > 0) {  // a last step with blocks past `end`: those lanes read a valid block, scale 0, x zeros
+    // (never in tile order: nb is a multiple of 4 there, and so is every split's length)
     const bool valid = c < rest;
     const int64_t b = valid ? begin + steps * kStep + c : end - 1;
     uint32_t u0[K], u1[K], xw[16];  // (its own xw: x of a partial step is zeros past `end`)
-    load_words<K>(a.packed + (r0c * a.nb + b) * K, u0);
-    load_words<K>(a.packed + (r1c * a.nb + b) * K, u1);
+    const int64_t i0 = block_index(r0c, b, a.nb, a.tiled), i1 = block_index(r1c, b, a.nb, a.tiled);
+    load_words<K>(a.packed + i0 * K, u0);
+    load_words<K>(a.packed + i1 * K, u1);
     if (valid && diag) {
       read_x(reinterpret_cast<const uint4*>(a.x + mrow * ldx + b * kBlock), xw);
     } else {
 #pragma unroll
       for (int v = 0; v < 16; ++v) xw[v] = 0u;
     }
-    compute_step<kBf16, K, M, kE4M4>(u0, u1, load_scale(kE4M4, a.fmt, a.scales, r0c * a.nb + b),
-                                     load_scale(kE4M4, a.fmt, a.scales, r1c * a.nb + b), xw, valid, a.fmt, t,
-                                     pair_offset, scale_offset, acc);
+    compute_step<kBf16, K, M, kE4M4>(u0, u1, load_scale(kE4M4, a.fmt, a.scales, i0),
+                                     load_scale(kE4M4, a.fmt, a.scales, i1), xw, valid, a.fmt, t, pair_offset,
+                                     scale_offset, acc);
   }
   // The four lanes of a quad hold four different blocks of the same rows: add them (fixed order).
 #pragma unroll

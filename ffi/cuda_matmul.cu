@@ -200,7 +200,14 @@ struct ItemPointers {
   const uint32_t* x[4];
   bool v0, v1;
   bool scale_words;  // e4m4 bytes of a row's chunk of 4 blocks are one aligned 32-bit word
+  bool tiled;        // blocks in tile order: a row's blocks 4j .. 4j + 3 are adjacent, 64 blocks apart
 };
+
+// Block b of the item's rows, relative to block 0 (w0 / s0 point there): in tile order, only runs of four
+// blocks starting at multiples of 4 are adjacent (kbit_format.h, block_index).
+__device__ __forceinline__ int64_t block_offset(const ItemPointers& P, int64_t b) {
+  return P.tiled ? (b >> 2) * (kTileRows * kTileBlocks) + (b & 3) : b;
+}
 
 // C blocks starting at block b: all loads first (weights, scales, x), then the products.
 template <bool kBf16, int K, int MT, int C>
@@ -209,11 +216,12 @@ __device__ __forceinline__ void chunk_step(ScaleFormat fmt, const void* __restri
                                            uint32_t entry, const uint32_t* table, int lane,
                                            float (&acc)[MT][4]) {
   const int c = lane & 3;
+  const int64_t o = block_offset(P, b);  // chunks of 4 start at multiples of 4: their blocks are adjacent
   uint32_t w0[C][K], w1[C][K];
 #pragma unroll
   for (int u = 0; u < C; ++u) {
-    load_words<K>(P.w0 + (b + u) * K, w0[u]);
-    load_words<K>(P.w1 + (b + u) * K, w1[u]);
+    load_words<K>(P.w0 + (o + u) * K, w0[u]);
+    load_words<K>(P.w1 + (o + u) * K, w1[u]);
   }
   float s0[C], s1[C];
   if (fmt == ScaleFormat::kE4M4) {  // uniform across the grid
@@ -222,8 +230,8 @@ __device__ __forceinline__ void chunk_step(ScaleFormat fmt, const void* __restri
     // One 32-bit load per row instead of four byte loads: each load of the warp touches 8 rows, so the
     // byte loads cost as many L1 tag look-ups as the weights (ncu, 16 rows of x).
     if (C == 4 && P.scale_words) {
-      const uint32_t q0 = *reinterpret_cast<const uint32_t*>(sc + P.s0 + b);
-      const uint32_t q1 = *reinterpret_cast<const uint32_t*>(sc + P.s1 + b);
+      const uint32_t q0 = *reinterpret_cast<const uint32_t*>(sc + P.s0 + o);
+      const uint32_t q1 = *reinterpret_cast<const uint32_t*>(sc + P.s1 + o);
 #pragma unroll
       for (int u = 0; u < C; ++u) {
         st0[u] = (q0 >> (8 * u)) & 0xffu;
@@ -232,8 +240,8 @@ __device__ __forceinline__ void chunk_step(ScaleFormat fmt, const void* __restri
     } else {
 #pragma unroll
       for (int u = 0; u < C; ++u) {
-        st0[u] = sc[P.s0 + b + u];
-        st1[u] = sc[P.s1 + b + u];
+        st0[u] = sc[P.s0 + o + u];
+        st1[u] = sc[P.s1 + o + u];
       }
     }
 #pragma unroll
@@ -244,8 +252,8 @@ __device__ __forceinline__ void chunk_step(ScaleFormat fmt, const void* __restri
   } else {
 #pragma unroll
     for (int u = 0; u < C; ++u) {
-      s0[u] = P.v0 ? decode_scale(fmt, read_scale(fmt, scales, P.s0 + b + u), t) : 0.0f;
-      s1[u] = P.v1 ? decode_scale(fmt, read_scale(fmt, scales, P.s1 + b + u), t) : 0.0f;
+      s0[u] = P.v0 ? decode_scale(fmt, read_scale(fmt, scales, P.s0 + o + u), t) : 0.0f;
+      s1[u] = P.v1 ? decode_scale(fmt, read_scale(fmt, scales, P.s1 + o + u), t) : 0.0f;
     }
   }
   // x words, as pairs of 16-bit values, in the order of the A fragments (block_step): for K <= 4 words
@@ -285,7 +293,8 @@ __device__ __forceinline__ void matmul_item(
     ScaleFormat fmt, const uint32_t* __restrict__ packed, const void* __restrict__ scales,
     const float* __restrict__ codebook, float t, const uint16_t* __restrict__ x, int64_t m_rows,
     int64_t n_out, int64_t nb, int64_t tiles, int64_t splits, int64_t per_split, float* __restrict__ partial,
-    uint16_t* __restrict__ out, const uint32_t* table, const float* scale_table, int lane, int64_t item) {
+    uint16_t* __restrict__ out, const uint32_t* table, const float* scale_table, int lane, int64_t item,
+    bool tiled) {
   constexpr bool kTable = K <= 4;
   const int64_t tile = item % tiles;
   const int64_t split = item / tiles;
@@ -298,13 +307,14 @@ __device__ __forceinline__ void matmul_item(
   P.v1 = r1 < n_out;
   const int64_t r0c = P.v0 ? r0 : n_out - 1;
   const int64_t r1c = P.v1 ? r1 : n_out - 1;
-  P.w0 = packed + r0c * nb * K;
-  P.w1 = packed + r1c * nb * K;
-  P.s0 = r0c * nb;
-  P.s1 = r1c * nb;
+  P.tiled = tiled;
+  P.s0 = block_index(r0c, 0, nb, tiled);
+  P.s1 = block_index(r1c, 0, nb, tiled);
+  P.w0 = packed + P.s0 * K;
+  P.w1 = packed + P.s1 * K;
   // Chunks start at multiples of kChunk (choose_split rounds the splits to it), so with nb % 4 == 0 and an
-  // aligned base every chunk's 4 scale bytes of a row are one aligned word.
-  static_assert(kChunk == 4, "scale words hold the bytes of one chunk");
+  // aligned base every chunk's 4 scale bytes of a row are one aligned word (in tile order too).
+  static_assert(kChunk == 4 && kTileBlocks == 4, "scale words hold the bytes of one chunk");
   P.scale_words = nb % 4 == 0 && reinterpret_cast<uintptr_t>(scales) % 4 == 0;
   const int64_t ldx = nb * kBlock;  // x is padded with zeros to whole blocks
 #pragma unroll
@@ -342,7 +352,7 @@ __global__ void __launch_bounds__(kMmThreads, min_ctas<K, MT>())
                   const float* __restrict__ codebook, const float* __restrict__ tensor_scale,
                   const uint16_t* __restrict__ x, int64_t m_rows, int64_t n_out, int64_t nb, int64_t tiles,
                   int64_t splits, int64_t per_split, float* __restrict__ partial,
-                  uint16_t* __restrict__ out) {
+                  uint16_t* __restrict__ out, bool tiled) {
   extern __shared__ uint4 smem[];
   const int lane = threadIdx.x & 31;
   const float t = tensor_scale[0];
@@ -354,7 +364,7 @@ __global__ void __launch_bounds__(kMmThreads, min_ctas<K, MT>())
   for (int64_t item = static_cast<int64_t>(blockIdx.x) * kMmWarps + (threadIdx.x >> 5); item < tiles * splits;
        item += static_cast<int64_t>(gridDim.x) * kMmWarps) {
     matmul_item<kBf16, K, MT>(fmt, packed, scales, codebook, t, x, m_rows, n_out, nb, tiles, splits,
-                              per_split, partial, out, table, scale_table, lane, item);
+                              per_split, partial, out, table, scale_table, lane, item, tiled);
   }
 }
 
@@ -377,17 +387,21 @@ ffi::Error run_matmul(cudaStream_t stream, const MatmulArgs& a) {
   const unsigned ctas =
       static_cast<unsigned>(std::min<int64_t>((items + kMmWarps - 1) / kMmWarps, sms * per_sm));
   kernel<<<ctas, kMmThreads, smem, stream>>>(a.fmt, a.packed, a.scales, a.codebook, a.tensor_scale, a.x, a.m,
-                                             a.n, a.nb, tiles, splits, per_split, partial, a.out);
+                                             a.n, a.nb, tiles, splits, per_split, partial, a.out, a.tiled);
   launch_sum_splits<kBf16>(stream, partial, splits, count, a.out);
   return launch_error("matmul");
 }
 
+// kTiled: the words and scales in tile order (kbit_format.h); a separate handler name (as on the CPU), so
+// that modules exported before tiled matrices existed still bind to the plain one.
+template <bool kTiled>
 ffi::Error MatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U32> packed,
                       ffi::AnyBuffer scales, ffi::Buffer<ffi::F32> codebook,
                       ffi::Buffer<ffi::F32> tensor_scale, ffi::Result<ffi::AnyBuffer> out,
                       ffi::Result<ffi::Buffer<ffi::F32>> workspace, int32_t k, int32_t scale_format) {
   MatmulLayout L;
-  if (ffi::Error e = matmul_layout_of(x, packed, scales, codebook, tensor_scale, *out, k, scale_format, &L);
+  if (ffi::Error e =
+          matmul_layout_of(x, packed, scales, codebook, tensor_scale, *out, k, scale_format, kTiled, &L);
       e.failure()) {
     return e;
   }
@@ -423,7 +437,8 @@ ffi::Error MatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U3
                      L.nb,
                      o,
                      workspace->typed_data(),
-                     static_cast<int64_t>(workspace->element_count())};
+                     static_cast<int64_t>(workspace->element_count()),
+                     L.tiled};
   const bool bf16 = x.element_type() == ffi::DataType::BF16;
   if (gemv_supported(L.k, L.m, L.nb)) return run_gemv(stream, a, bf16, L.k);
   ffi::Error result = ffi::Error::Success();
@@ -436,20 +451,25 @@ ffi::Error MatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U3
   return result;
 }
 
+auto matmul_binding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::PlatformStream<cudaStream_t>>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::Buffer<ffi::U32>>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::AnyBuffer>()
+      .Ret<ffi::Buffer<ffi::F32>>()  // workspace (cuda_mma.cuh)
+      .Attr<int32_t>("k")
+      .Attr<int32_t>("scale_format");
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace kbit
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulCuda, kbit::cuda::MatmulImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::U32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // workspace (cuda_mma.cuh)
-                                  .Attr<int32_t>("k")
-                                  .Attr<int32_t>("scale_format"),
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulCuda, kbit::cuda::MatmulImpl<false>, kbit::cuda::matmul_binding(),
+                              {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulTiledCuda, kbit::cuda::MatmulImpl<true>, kbit::cuda::matmul_binding(),
                               {ffi::Traits::kCmdBufferCompatible});

@@ -43,7 +43,7 @@ __global__ void __launch_bounds__(kTThreads)
                     const float* __restrict__ codebook, const float* __restrict__ tensor_scale,
                     const uint16_t* __restrict__ gm, int64_t m_rows, int64_t n_out, int64_t nb, int64_t d,
                     int64_t splits, int64_t per_split, float* __restrict__ partial,
-                    uint16_t* __restrict__ out) {
+                    uint16_t* __restrict__ out, bool tiled) {
   __shared__ float table[32];
   if (threadIdx.x < (1 << K)) table[threadIdx.x] = codebook[threadIdx.x];
   __syncthreads();
@@ -76,8 +76,9 @@ __global__ void __launch_bounds__(kTThreads)
         for (int r = 0; r < 4; ++r) {
           const int64_t row = o0 + 16 * u + (r >> 1) * 8 + 2 * c + (r & 1);
           if (row < end) {
-            load_words<K>(packed + (row * nb + b) * K, w[u][r]);
-            st[u][r] = read_scale(fmt, scales, row * nb + b);
+            const int64_t i = block_index(row, b, nb, tiled);
+            load_words<K>(packed + i * K, w[u][r]);
+            st[u][r] = read_scale(fmt, scales, i);
           } else {
 #pragma unroll
             for (int j = 0; j < K; ++j) w[u][r][j] = 0;
@@ -162,6 +163,7 @@ struct TArgs {
   uint16_t* out;
   float* workspace;  // partial sums of a split reduction (cuda_mma.cuh)
   int64_t workspace_floats;
+  bool tiled;  // words and scales in tile order (kbit_format.h)
 };
 
 // Splits the reduction (the stored rows) so that the resident warps have about one item each, with at least
@@ -187,19 +189,20 @@ ffi::Error run_matmul_t(cudaStream_t stream, const TArgs& a) {
   const unsigned ctas =
       static_cast<unsigned>(std::min<int64_t>((items + kTWarps - 1) / kTWarps, sms * per_sm));
   kernel<<<ctas, kTThreads, 0, stream>>>(a.fmt, a.packed, a.scales, a.codebook, a.tensor_scale, a.g, a.m, a.n,
-                                         a.nb, a.d, splits, per_split, partial, a.out);
+                                         a.nb, a.d, splits, per_split, partial, a.out, a.tiled);
   launch_sum_splits<kBf16>(stream, partial, splits, count, a.out);
   return launch_error("transposed matmul");
 }
 
+template <bool kTiled>
 ffi::Error MatmulTImpl(cudaStream_t stream, ffi::AnyBuffer g, ffi::Buffer<ffi::U32> packed,
                        ffi::AnyBuffer scales, ffi::Buffer<ffi::F32> codebook,
                        ffi::Buffer<ffi::F32> tensor_scale, ffi::Result<ffi::AnyBuffer> out,
                        ffi::Result<ffi::Buffer<ffi::F32>> workspace, int32_t k, int32_t scale_format,
                        int64_t d) {
   MatmulLayout L;
-  if (ffi::Error e =
-          matmul_t_layout_of(g, packed, scales, codebook, tensor_scale, *out, k, scale_format, d, &L);
+  if (ffi::Error e = matmul_t_layout_of(g, packed, scales, codebook, tensor_scale, *out, k, scale_format,
+                                        kTiled, d, &L);
       e.failure()) {
     return e;
   }
@@ -231,7 +234,8 @@ ffi::Error MatmulTImpl(cudaStream_t stream, ffi::AnyBuffer g, ffi::Buffer<ffi::U
                 d,
                 o,
                 workspace->typed_data(),
-                static_cast<int64_t>(workspace->element_count())};
+                static_cast<int64_t>(workspace->element_count()),
+                L.tiled};
   const bool bf16 = g.element_type() == ffi::DataType::BF16;
   ffi::Error result = ffi::Error::Success();
   with_k(L.k, [&](auto kc) {
@@ -243,21 +247,26 @@ ffi::Error MatmulTImpl(cudaStream_t stream, ffi::AnyBuffer g, ffi::Buffer<ffi::U
   return result;
 }
 
+auto matmul_t_binding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::PlatformStream<cudaStream_t>>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::Buffer<ffi::U32>>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::AnyBuffer>()
+      .Ret<ffi::Buffer<ffi::F32>>()  // workspace (cuda_mma.cuh)
+      .Attr<int32_t>("k")
+      .Attr<int32_t>("scale_format")
+      .Attr<int64_t>("d");
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace kbit
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulTCuda, kbit::cuda::MatmulTImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::U32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // workspace (cuda_mma.cuh)
-                                  .Attr<int32_t>("k")
-                                  .Attr<int32_t>("scale_format")
-                                  .Attr<int64_t>("d"),
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulTCuda, kbit::cuda::MatmulTImpl<false>, kbit::cuda::matmul_t_binding(),
                               {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulTTiledCuda, kbit::cuda::MatmulTImpl<true>,
+                              kbit::cuda::matmul_t_binding(), {ffi::Traits::kCmdBufferCompatible});

@@ -82,7 +82,7 @@ void with_dtype_and_row_tiles(bool bf16, int64_t m, const Fn& fn) {
 }
 
 // The fused matmul's buffers (cuda_matmul.cu, cuda_gemv.cu): y [m, n] = x [m, nb * 32] @ W, with W^T in
-// format v1 ([n, nb, k] words, [n, nb] scales).
+// format v1 ([n, nb, k] words, [n, nb] scales), its blocks in row order or, if tiled, in tile order.
 struct MatmulArgs {
   ScaleFormat fmt;
   const uint32_t* packed;
@@ -94,6 +94,7 @@ struct MatmulArgs {
   uint16_t* out;
   float* workspace;  // partial sums of a split reduction: workspace_floats floats
   int64_t workspace_floats;
+  bool tiled;  // words and scales in tile order (kbit_format.h, block_index)
 };
 
 // How many parts the reduction is split into: each warp works through its items one chunk of `chunk` blocks

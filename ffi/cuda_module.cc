@@ -21,6 +21,8 @@ NB_MODULE(_kbit_cuda, m) {
     d["kbit_dequantize"] = nb::capsule(reinterpret_cast<void*>(KbitDequantizeCuda));
     d["kbit_matmul"] = nb::capsule(reinterpret_cast<void*>(KbitMatmulCuda));
     d["kbit_matmul_t"] = nb::capsule(reinterpret_cast<void*>(KbitMatmulTCuda));
+    d["kbit_matmul_tiled"] = nb::capsule(reinterpret_cast<void*>(KbitMatmulTiledCuda));
+    d["kbit_matmul_t_tiled"] = nb::capsule(reinterpret_cast<void*>(KbitMatmulTTiledCuda));
     return d;
   });
   m.def("architectures", []() { return std::string(KBIT_CUDA_ARCHITECTURES); });

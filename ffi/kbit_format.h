@@ -26,6 +26,20 @@ constexpr int kMaxK = 5;
 
 enum class ScaleFormat : int32_t { kE4M4 = 0, kF16 = 1, kF32 = 2 };
 
+// The tiled storage of a matrix (docs/FORMAT.md, "Tiled matrices"): the blocks of W^T [n, nb] in the order
+// [n / 16, nb / 4, 16, 4], so that the 16 rows x 4 blocks that the batch-1 kernel reads in one warp step are
+// one contiguous run (1 KB at K = 4) instead of 16 pieces 4 KB apart. Words and scales follow their blocks.
+// Only for n % 16 == 0 and nb % 4 == 0 (the matmul handlers check).
+constexpr int kTileRows = 16;
+constexpr int kTileBlocks = 4;
+
+// Where block b of row `row` is stored: its index into the [n, nb] scales (times K: into the words).
+KBIT_HD int64_t block_index(int64_t row, int64_t b, int64_t nb, bool tiled) {
+  if (!tiled) return row * nb + b;
+  return ((row / kTileRows) * (nb / kTileBlocks) + b / kTileBlocks) * (kTileRows * kTileBlocks) +
+         (row % kTileRows) * kTileBlocks + b % kTileBlocks;
+}
+
 // ---------------------------------------------------------------- bit casts
 
 KBIT_HD uint32_t f32_to_bits(float f) {

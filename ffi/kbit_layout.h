@@ -108,12 +108,13 @@ struct MatmulLayout {
   int64_t nb = 0;  // blocks along in
   int k = 0;
   ScaleFormat format = ScaleFormat::kE4M4;
+  bool tiled = false;  // the words and scales in tile order (kbit_format.h, block_index)
 };
 
 template <typename X, typename Packed, typename Scales, typename Codebook, typename TensorScale, typename Out>
 ffi::Error matmul_layout_of(const X& x, const Packed& packed, const Scales& scales, const Codebook& codebook,
                             const TensorScale& tensor_scale, const Out& out, int32_t k, int32_t format,
-                            MatmulLayout* L) {
+                            bool tiled, MatmulLayout* L) {
   if (k < kMinK || k > kMaxK) return invalid("k must be in 2..5, got " + std::to_string(k));
   if (format < 0 || format > 2) return invalid("unknown scale format " + std::to_string(format));
   const ffi::DataType xt = x.element_type();
@@ -144,6 +145,10 @@ ffi::Error matmul_layout_of(const X& x, const Packed& packed, const Scales& scal
   L->nb = pd[1];
   L->k = k;
   L->format = fmt;
+  L->tiled = tiled;
+  if (tiled && (L->n % kTileRows != 0 || L->nb % kTileBlocks != 0)) {
+    return invalid("a tiled matrix needs out % 16 == 0 and a multiple of 4 blocks along in, got packed " + dims_str(pd));
+  }
   return ffi::Error::Success();
 }
 
@@ -152,8 +157,8 @@ ffi::Error matmul_layout_of(const X& x, const Packed& packed, const Scales& scal
 template <typename G, typename Packed, typename Scales, typename Codebook, typename TensorScale, typename Out>
 ffi::Error matmul_t_layout_of(const G& g, const Packed& packed, const Scales& scales,
                               const Codebook& codebook, const TensorScale& tensor_scale, const Out& out,
-                              int32_t k, int32_t format, int64_t d, MatmulLayout* L) {
-  if (ffi::Error e = matmul_layout_of(out, packed, scales, codebook, tensor_scale, g, k, format, L);
+                              int32_t k, int32_t format, bool tiled, int64_t d, MatmulLayout* L) {
+  if (ffi::Error e = matmul_layout_of(out, packed, scales, codebook, tensor_scale, g, k, format, tiled, L);
       e.failure()) {
     return e;
   }

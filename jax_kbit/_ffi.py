@@ -12,7 +12,14 @@ except ImportError as err:  # the source tree has no compiled module
         "package. Install with `pip install .` and run from another directory, or use `python -P`."
     ) from err
 
-TARGETS = ("kbit_quantize", "kbit_dequantize", "kbit_matmul", "kbit_matmul_t")
+TARGETS = (
+    "kbit_quantize",
+    "kbit_dequantize",
+    "kbit_matmul",
+    "kbit_matmul_t",
+    "kbit_matmul_tiled",
+    "kbit_matmul_t_tiled",
+)
 
 for _name, _capsule in _kbit_cpu.registrations().items():
     jax.ffi.register_ffi_target(_name, _capsule, platform="cpu")

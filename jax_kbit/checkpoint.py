@@ -42,7 +42,7 @@ import ml_dtypes
 import numpy as np
 
 from jax_kbit.quantized_array import QuantizedArray
-from jax_kbit.quantized_matrix import QuantizedMatrix
+from jax_kbit.quantized_matrix import QuantizedMatrix, can_tile
 from jax_kbit.reference import SCALE_DTYPES
 
 FORMAT_NAME = "jax-kbit"
@@ -116,8 +116,15 @@ def _is_qa(x: Any) -> bool:
 
 
 def _stored(leaf: QuantizedArray | QuantizedMatrix) -> QuantizedArray:
-    """The format-v1 array whose four tensors are stored for a quantized leaf."""
+    """The format-v1 array whose four tensors are stored for a quantized leaf (a tiled matrix's in row
+    order: files hold plain format v1 whatever the layout in memory, so every reader reads them)."""
     return leaf.t if isinstance(leaf, QuantizedMatrix) else leaf
+
+
+def _described(leaf: QuantizedArray | QuantizedMatrix) -> QuantizedArray:
+    """The ``QuantizedArray`` with the stored tensors' shapes, dtypes and shardings, without reordering a
+    tiled matrix's words (the same shapes either way)."""
+    return leaf.stored if isinstance(leaf, QuantizedMatrix) else leaf
 
 
 def _layout(leaf: QuantizedArray | QuantizedMatrix) -> str:
@@ -154,7 +161,7 @@ def _host(a: Any, name: str) -> np.ndarray:
 
 
 def _quantized_meta(leaf: QuantizedArray | QuantizedMatrix, version: int) -> dict[str, Any]:
-    q = _stored(leaf)
+    q = _described(leaf)
     meta = {
         "k": int(q.k),
         "d": int(q.d),
@@ -164,6 +171,8 @@ def _quantized_meta(leaf: QuantizedArray | QuantizedMatrix, version: int) -> dic
     }
     if version >= 2:
         meta["layout"] = _layout(leaf)
+        if isinstance(leaf, QuantizedMatrix) and leaf.tiled:
+            meta["tiled"] = True  # re-tiled when loaded; the tensors are in row order
     return meta
 
 
@@ -186,12 +195,19 @@ def _rebuild(
     q = QuantizedArray(
         **parts, k=meta["k"], d=meta["d"], dtype=np.dtype(meta["dtype"]), scale_format=scale_format
     )
+    tiled = meta.get("tiled", False)
+    if not isinstance(tiled, bool):
+        raise CheckpointFormatError(f"{where}: 'tiled' must be true or false, got {tiled!r}")
     leaf = QuantizedMatrix(q) if layout == "matrix" else q
     if "shape" in meta and list(leaf.shape) != list(meta["shape"]):
         raise CheckpointFormatError(
             f"{where}: the tensors give a {type(leaf).__name__} of shape {leaf.shape}, the metadata says "
             f"{tuple(meta['shape'])}"
         )
+    if tiled and isinstance(leaf, QuantizedMatrix):
+        if not can_tile(q):
+            raise CheckpointFormatError(f"{where}: 'tiled' is set, but shape {leaf.shape} cannot be tiled")
+        leaf = leaf.with_tiles(True)
     return leaf
 
 
@@ -420,7 +436,7 @@ def _records(tree: Any, version: int | None = None) -> list[dict[str, Any]]:
     for name, leaf in leaves:
         if _is_qa(leaf):
             rec = {"path": name, "kind": "quantized", **_quantized_meta(leaf, version)}
-            stored = _stored(leaf)
+            stored = _described(leaf)
             rec["fields"] = {
                 f: {
                     "shape": [int(s) for s in getattr(stored, f).shape],
@@ -570,7 +586,7 @@ def restore_checkpoint(directory: str | os.PathLike, target: Any = None) -> Any:
     if target is not None:
         # The target's records always name their layout (a version-1 checkpoint's lack one: "array").
         _compare(saved, _records(target, 2), str(directory))
-        likes = {name: _stored(v) if _is_qa(v) else v for name, v in named_leaves(target)}
+        likes = {name: _described(v) if _is_qa(v) else v for name, v in named_leaves(target)}
 
     abstract: dict[str, Any] = {}
     for rec in saved:
@@ -597,4 +613,10 @@ def restore_checkpoint(directory: str | os.PathLike, target: Any = None) -> Any:
     if target is None:
         return _nest(flat)
     treedef = jax.tree_util.tree_structure(target, is_leaf=_is_qa)
-    return jax.tree_util.tree_unflatten(treedef, [flat[name] for name, _ in named_leaves(target)])
+    leaves = []
+    for name, like in named_leaves(target):
+        value = flat[name]
+        if isinstance(like, QuantizedMatrix):  # the target's storage order, whichever was saved
+            value = value.with_tiles(like.tiled)
+        leaves.append(value)
+    return jax.tree_util.tree_unflatten(treedef, leaves)

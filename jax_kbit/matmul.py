@@ -38,7 +38,7 @@ from jax_kbit import _ffi, sharding
 from jax_kbit.api import _check_float_dtype, _check_k, _check_scale_format, quantize
 from jax_kbit.primitives import SCALE_FORMAT_IDS, dequantize_p, num_blocks
 from jax_kbit.quantized_array import QuantizedArray
-from jax_kbit.quantized_matrix import QuantizedMatrix
+from jax_kbit.quantized_matrix import TILE_BLOCKS, TILE_ROWS, QuantizedMatrix, can_tile, untile_arrays
 from jax_kbit.reference import BLOCK, SCALE_DTYPES
 
 __all__ = ["FUSED_MAX_ROWS", "matmul", "matmul_p", "matmul_t_p", "quantize_matrix"]
@@ -55,7 +55,9 @@ matmul_p = jex.core.Primitive("kbit_matmul")
 matmul_p.def_impl(partial(dispatch.apply_primitive, matmul_p))
 
 
-def _abstract(x, packed, scales, codebook, tensor_scale, *, k: int, scale_format: str, d: int):
+def _abstract(
+    x, packed, scales, codebook, tensor_scale, *, k: int, scale_format: str, d: int, tiled: bool = False
+):
     nb = num_blocks(d)
     if (
         x.ndim < 1
@@ -76,6 +78,11 @@ def _abstract(x, packed, scales, codebook, tensor_scale, *, k: int, scale_format
             f"{scales.dtype}{list(scales.shape)}, codebook {codebook.dtype}{list(codebook.shape)}, "
             f"tensor_scale {tensor_scale.dtype}{list(tensor_scale.shape)}"
         )
+    if tiled and (packed.shape[0] % TILE_ROWS or nb % TILE_BLOCKS):
+        raise ValueError(
+            f"kbit_matmul: tiled storage needs out % {TILE_ROWS} == 0 and a multiple of {TILE_BLOCKS} blocks, "
+            f"got packed {list(packed.shape)}"
+        )
     return jax.core.ShapedArray(x.shape[:-1] + (packed.shape[0],), x.dtype)
 
 
@@ -85,7 +92,9 @@ matmul_t_p = jex.core.Primitive("kbit_matmul_t")
 matmul_t_p.def_impl(partial(dispatch.apply_primitive, matmul_t_p))
 
 
-def _abstract_t(g, packed, scales, codebook, tensor_scale, *, k: int, scale_format: str, d: int):
+def _abstract_t(
+    g, packed, scales, codebook, tensor_scale, *, k: int, scale_format: str, d: int, tiled: bool = False
+):
     """``g [..., out] @ W^T`` -> ``[..., nb * 32]`` (zero-padded past ``d``, like ``x`` of ``kbit_matmul``)."""
     nb = num_blocks(d)
     y = _abstract(
@@ -97,6 +106,7 @@ def _abstract_t(g, packed, scales, codebook, tensor_scale, *, k: int, scale_form
         k=k,
         scale_format=scale_format,
         d=d,
+        tiled=tiled,
     )
     if y.shape[-1] != g.shape[-1]:
         raise ValueError(f"kbit_matmul_t: g has {g.shape[-1]} features, W has {packed.shape[0]} outputs")
@@ -116,13 +126,33 @@ def _accumulation(dtype, gpu: bool):
     return dtype if gpu and np.dtype(dtype).itemsize == 2 else jnp.float32
 
 
+def _dequantized_wt(packed, scales, codebook, tensor_scale, *, k, scale_format, d, tiled, dtype):
+    """``dequantize(W^T)`` ``[out, d]``; tile-ordered words and scales go back to row order first (a
+    permutation of the words, a quarter of the bytes or less of the dense result)."""
+    if tiled:
+        packed, scales = untile_arrays(packed, scales)
+    return dequantize_p.bind(
+        packed, scales, codebook, tensor_scale, k=k, scale_format=scale_format, d=d, dtype=dtype
+    )
+
+
 def _dequantized_dot(
-    x, packed, scales, codebook, tensor_scale, *, k: int, scale_format: str, d: int, gpu: bool = False
+    x,
+    packed,
+    scales,
+    codebook,
+    tensor_scale,
+    *,
+    k: int,
+    scale_format: str,
+    d: int,
+    tiled: bool = False,
+    gpu: bool = False,
 ):
     """The unfused path: ``x[..., :d] @ dequantize(W^T).T`` with float32 accumulation."""
     dtype = x.dtype
-    wt = dequantize_p.bind(
-        packed, scales, codebook, tensor_scale, k=k, scale_format=scale_format, d=d, dtype=dtype
+    wt = _dequantized_wt(
+        packed, scales, codebook, tensor_scale, k=k, scale_format=scale_format, d=d, tiled=tiled, dtype=dtype
     )
     y = lax.dot_general(
         x[..., :d],
@@ -135,12 +165,22 @@ def _dequantized_dot(
 
 
 def _dequantized_dot_t(
-    g, packed, scales, codebook, tensor_scale, *, k: int, scale_format: str, d: int, gpu: bool = False
+    g,
+    packed,
+    scales,
+    codebook,
+    tensor_scale,
+    *,
+    k: int,
+    scale_format: str,
+    d: int,
+    tiled: bool = False,
+    gpu: bool = False,
 ):
     """The unfused transposed product: ``g @ dequantize(W^T)``, padded with zeros to whole blocks."""
     dtype = g.dtype
-    wt = dequantize_p.bind(
-        packed, scales, codebook, tensor_scale, k=k, scale_format=scale_format, d=d, dtype=dtype
+    wt = _dequantized_wt(
+        packed, scales, codebook, tensor_scale, k=k, scale_format=scale_format, d=d, tiled=tiled, dtype=dtype
     )
     y = lax.dot_general(
         g,
@@ -174,16 +214,20 @@ def _workspace(rows: int, cols: int) -> jax.core.ShapedArray:
 
 
 def _lowering(platform: str, transposed: bool = False):
-    kernel = jax.ffi.ffi_lowering("kbit_matmul_t" if transposed else "kbit_matmul")
+    name = "kbit_matmul_t" if transposed else "kbit_matmul"
+    # Tile-ordered weights have handlers of their own (the same kernels), so that modules exported before
+    # they existed keep the plain handlers' signature.
+    kernels = {tiled: jax.ffi.ffi_lowering(name + ("_tiled" if tiled else "")) for tiled in (False, True)}
     dense = partial(_dequantized_dot_t if transposed else _dequantized_dot, gpu=platform == "cuda")
     fallback = mlir.lower_fun(dense, multiple_results=False)
 
-    def lower(ctx, *args, k: int, scale_format: str, d: int):
+    def lower(ctx, *args, k: int, scale_format: str, d: int, tiled: bool = False):
+        params = dict(k=k, scale_format=scale_format, d=d, tiled=tiled)
         if sharding.wants_partitioning(ctx):
             if transposed:  # the dense product partitions well (W sharded along `out` needs a psum)
-                return fallback(ctx, *args, k=k, scale_format=scale_format, d=d)
+                return fallback(ctx, *args, **params)
             # per-shard calls along the batch dims of x and `out`
-            return sharding.lower(matmul_p, ctx, *args, k=k, scale_format=scale_format, d=d)
+            return sharding.lower(matmul_p, ctx, *args, **params)
         x = ctx.avals_in[0]
         fused = _rows(x) <= FUSED_MAX_ROWS
         if platform == "cuda":
@@ -195,7 +239,8 @@ def _lowering(platform: str, transposed: bool = False):
                     f"KBIT_CUDA=OFF): {_ffi.CUDA_IMPORT_ERROR}. Reinstall on a machine with nvcc, or run on CPU."
                 )
         if not fused:
-            return fallback(ctx, *args, k=k, scale_format=scale_format, d=d)
+            return fallback(ctx, *args, **params)
+        kernel = kernels[bool(tiled)]
         attrs = dict(k=np.int32(k), scale_format=np.int32(SCALE_FORMAT_IDS[scale_format]))
         if transposed:
             attrs["d"] = np.int64(d)  # the kernel writes zeros past d (padded codes may decode to non-zeros)
@@ -236,17 +281,21 @@ def _is_zero(t) -> bool:
 
 
 def _jvp_rule(prim, transposed: bool):
-    def jvp(primals, tangents, *, k: int, scale_format: str, d: int):
+    def jvp(primals, tangents, *, k: int, scale_format: str, d: int, tiled: bool = False):
         from jax_kbit.autodiff import _dequantize_jvp  # autodiff imports primitives; avoid a cycle
 
         x, packed, scales, codebook, tensor_scale = primals
         dx, d_packed, d_scales, d_codebook, d_tensor_scale = tangents
-        params = dict(k=k, scale_format=scale_format, d=d)
+        params = dict(k=k, scale_format=scale_format, d=d, tiled=tiled)
         y = prim.bind(*primals, **params)
         terms = []
         if not _is_zero(dx):
             terms.append(prim.bind(dx, packed, scales, codebook, tensor_scale, **params))
         if not (_is_zero(d_scales) and _is_zero(d_codebook) and _is_zero(d_tensor_scale)):
+            if tiled:  # dW^T in row order: the words, the scales and the scales' tangents leave tile order
+                packed, scales = untile_arrays(packed, scales)
+                if not _is_zero(d_scales):
+                    d_scales = untile_arrays(None, d_scales)[1]
             _, d_wt = _dequantize_jvp(
                 (packed, scales, codebook, tensor_scale),
                 (d_packed, d_scales, d_codebook, d_tensor_scale),
@@ -283,7 +332,19 @@ def _jvp_rule(prim, transposed: bool):
 def _transpose_rule(other):
     """Both products are linear in their first operand; each one's transpose is the other product."""
 
-    def transpose(ct, x, packed, scales, codebook, tensor_scale, *, k: int, scale_format: str, d: int):
+    def transpose(
+        ct,
+        x,
+        packed,
+        scales,
+        codebook,
+        tensor_scale,
+        *,
+        k: int,
+        scale_format: str,
+        d: int,
+        tiled: bool = False,
+    ):
         if not ad.is_undefined_primal(x) or any(
             ad.is_undefined_primal(a) for a in (packed, scales, codebook, tensor_scale)
         ):
@@ -294,7 +355,9 @@ def _transpose_rule(other):
         pad = ct.shape[-1] - d if other is matmul_p else 0
         if pad:  # the padding of y = g @ W^T is zero whatever W's padded codes hold: no gradient flows there
             ct = jnp.pad(ct[..., :d], [(0, 0)] * (ct.ndim - 1) + [(0, pad)])
-        g = other.bind(ct, packed, scales, codebook, tensor_scale, k=k, scale_format=scale_format, d=d)
+        g = other.bind(
+            ct, packed, scales, codebook, tensor_scale, k=k, scale_format=scale_format, d=d, tiled=tiled
+        )
         return [g, None, None, None, None]
 
     return transpose
@@ -316,20 +379,25 @@ def quantize_matrix(
     codebook: Any = None,
     scale_format: str = "e4m4",
     tensor_scale: Any = "auto",
+    tiled: bool | None = None,
 ) -> QuantizedMatrix:
     """Quantize a weight ``w`` ``[..., in, out]`` for ``jax_kbit.matmul`` (format v1 of ``w``'s transpose).
 
     Arguments as in ``jax_kbit.quantize``; blocks of 32 run along ``in``, the reduction axis of ``x @ w``.
+    ``tiled``: store the blocks in tile order (``QuantizedMatrix``; the batch-1 GPU kernel reads it faster).
+    ``None`` (the default) tiles whenever the shape allows it (``out % 16 == 0`` and a multiple of 4 blocks
+    along ``in``); ``True`` raises ``ValueError`` where it does not. The codes are the same either way.
     """
+    if tiled is not None and not isinstance(tiled, (bool, np.bool_)):
+        raise TypeError(f"tiled must be None or a bool, got {type(tiled).__name__}")
     if not hasattr(w, "dtype") or not hasattr(w, "shape"):
         raise TypeError(f"w must be a jax or NumPy array, got {type(w).__name__}")
     if len(w.shape) < 2:
         raise ValueError(f"w must have rank >= 2 ([..., in, out]), got shape {tuple(w.shape)}")
     _check_float_dtype(w.dtype, "w")
     wt = jnp.swapaxes(jnp.asarray(w), -1, -2)
-    return QuantizedMatrix(
-        quantize(wt, k, codebook=codebook, scale_format=scale_format, tensor_scale=tensor_scale)
-    )
+    t = quantize(wt, k, codebook=codebook, scale_format=scale_format, tensor_scale=tensor_scale)
+    return QuantizedMatrix(t, tiled=can_tile(t) if tiled is None else bool(tiled))
 
 
 def matmul(x: Any, w: QuantizedMatrix, *, transpose: bool = False) -> jax.Array:
@@ -361,7 +429,7 @@ def matmul(x: Any, w: QuantizedMatrix, *, transpose: bool = False) -> jax.Array:
     if not hasattr(x, "dtype") or not hasattr(x, "shape"):
         raise TypeError(f"x must be a jax or NumPy array, got {type(x).__name__}")
     _check_float_dtype(x.dtype, "x")
-    t = w.t
+    t = w.stored  # in tile order if w.tiled: the kernels read it as it is
     k = _check_k(t.k)
     scale_format = _check_scale_format(t.scale_format)
     if t.packed.ndim != 3 or t.codebook.ndim != 1:
@@ -384,9 +452,9 @@ def matmul(x: Any, w: QuantizedMatrix, *, transpose: bool = False) -> jax.Array:
         jnp.asarray(t.tensor_scale),
     )
     if transpose:
-        y = matmul_t_p.bind(x, *operands, k=k, scale_format=scale_format, d=d)
+        y = matmul_t_p.bind(x, *operands, k=k, scale_format=scale_format, d=d, tiled=w.tiled)
         return y[..., :d] if y.shape[-1] != d else y
     pad = num_blocks(d) * BLOCK - d
     if pad:
         x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
-    return matmul_p.bind(x, *operands, k=k, scale_format=scale_format, d=d)
+    return matmul_p.bind(x, *operands, k=k, scale_format=scale_format, d=d, tiled=w.tiled)

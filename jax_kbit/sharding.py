@@ -39,6 +39,7 @@ from jax.experimental.custom_partitioning import (
 from jax.interpreters import mlir
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jax_kbit.quantized_matrix import TILE_ROWS
 from jax_kbit.reference import BLOCK
 
 __all__ = ["lower", "lowering_for_export", "quantized_sharding", "register", "wants_partitioning"]
@@ -282,11 +283,17 @@ def _matmul_rule(lead_rank: int) -> SdyShardingRule:
 
 
 @functools.lru_cache(maxsize=512)
-def _matmul_call(prim, lead: tuple[int, ...], n_out: int, k: int, scale_format: str, d: int):
+def _matmul_call(
+    prim, lead: tuple[int, ...], n_out: int, k: int, scale_format: str, d: int, tiled: bool = False
+):
     r = len(lead)
+    # Tile-ordered weights split along `out` only between whole tiles of 16 outputs.
+    unit = TILE_ROWS if tiled else 1
 
     def per_shard(x, packed, scales, codebook, tensor_scale):
-        return prim.bind(x, packed, scales, codebook, tensor_scale, k=k, scale_format=scale_format, d=d)
+        return prim.bind(
+            x, packed, scales, codebook, tensor_scale, k=k, scale_format=scale_format, d=d, tiled=tiled
+        )
 
     def layout(mesh, arg_shapes, y=None):
         mesh, x_entries = _decode(arg_shapes[0].sharding, mesh, r + 1)
@@ -299,7 +306,7 @@ def _matmul_call(prim, lead: tuple[int, ...], n_out: int, k: int, scale_format: 
             for e, size in zip(lead_entries, lead)
         ]
         used = {n for e in lead_entries for n in _names(e)}
-        if out is not None and (used & set(_names(out)) or n_out % _ways(mesh.shape, out) != 0):
+        if out is not None and (used & set(_names(out)) or n_out % (_ways(mesh.shape, out) * unit) != 0):
             out = None
         return mesh, (
             _named(mesh, [*lead_entries, None]),
@@ -365,7 +372,13 @@ def lower(prim, ctx: mlir.LoweringRuleContext, *args, **params):
     if prim.name == "kbit_matmul":
         x, packed = ctx.avals_in[:2]
         call = _matmul_call(
-            prim, tuple(x.shape[:-1]), int(packed.shape[0]), params["k"], params["scale_format"], params["d"]
+            prim,
+            tuple(x.shape[:-1]),
+            int(packed.shape[0]),
+            params["k"],
+            params["scale_format"],
+            params["d"],
+            bool(params.get("tiled", False)),
         )
         return mlir.lower_fun(lambda *a: [call(*a)], multiple_results=True)(ctx, *args)
     if prim.multiple_results:  # quantize
@@ -408,8 +421,15 @@ def quantized_sharding(sharding: jax.sharding.Sharding, q: Any):
         if isinstance(sharding, NamedSharding):
             entries = _entries(sharding, q.ndim)
             entries[-2], entries[-1] = entries[-1], entries[-2]
+            if q.tiled:
+                # In tile order a shard of `out` must hold whole tiles, and the blocks of a row are not
+                # one contiguous run, so `in` is not split.
+                n_out = int(q.stored.packed.shape[-3])
+                if entries[-2] is not None and n_out % (_ways(sharding.mesh.shape, entries[-2]) * TILE_ROWS):
+                    entries[-2] = None
+                entries[-1] = None
             sharding = NamedSharding(sharding.mesh, PartitionSpec(*entries))
-        return QuantizedMatrix.tree_unflatten(None, [quantized_sharding(sharding, q.t)])
+        return QuantizedMatrix.tree_unflatten(q.tiled, [quantized_sharding(sharding, q.stored)])
     if not isinstance(q, QuantizedArray):
         raise TypeError(f"q must be a QuantizedArray or QuantizedMatrix, got {type(q).__name__}")
     lead = tuple(q.packed.shape[:-2])

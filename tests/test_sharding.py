@@ -579,7 +579,7 @@ def _(platform):
 # ---------------------------------------------------------------- fused matmul
 
 
-def check_matmul(platform, mesh, x_spec, w_spec, lead, rows, din, dout, dtype=BF16, k=4) -> None:
+def check_matmul(platform, mesh, x_spec, w_spec, lead, rows, din, dout, dtype=BF16, k=4, tiled=None) -> None:
     """jit(matmul) with ``x`` [*lead, rows, din] and ``W`` [din, dout] sharded as given (``w_spec`` is W's
     spec, mapped to the stored W^T by ``quantized_sharding``): the result is sharded
     along the batch dims of x and the `out` axis of W, no data moves between devices, each device's kernel
@@ -590,7 +590,7 @@ def check_matmul(platform, mesh, x_spec, w_spec, lead, rows, din, dout, dtype=BF
     x = data((*lead, rows, din), dtype, seed=din)
     w = data((din, dout), np.float32, seed=dout) * np.float32(0.05)
     one = devices(platform)[0]
-    q1 = jax.jit(lambda w: jk.quantize_matrix(w, k))(jax.device_put(w, one))
+    q1 = jax.jit(lambda w: jk.quantize_matrix(w, k, tiled=tiled))(jax.device_put(w, one))
     want = np.asarray(jax.jit(jk.matmul)(jax.device_put(x, one), q1)).astype(np.float64)
     qs = jax.device_put(q1, quantized_sharding(NamedSharding(mesh, w_spec), q1))
     xs = jax.device_put(x, NamedSharding(mesh, x_spec))
@@ -614,14 +614,17 @@ def check_matmul(platform, mesh, x_spec, w_spec, lead, rows, din, dout, dtype=BF
             f"matmul {what}: kbit_dequantize runs on {got}, the shard is {w_shard}"
         )
     else:
-        assert_kernel_runs_on_shard(compiled, "kbit_matmul", y, "matmul " + what)
+        target = "kbit_matmul_tiled" if q1.tiled else "kbit_matmul"
+        assert_kernel_runs_on_shard(compiled, target, y, "matmul " + what)
 
 
 @case("matmul-out-sharded")
 def _(platform):
-    """Tensor-parallel decode: x replicated, W sharded along `out` (W^T's rows)."""
+    """Tensor-parallel decode: x replicated, W sharded along `out` (W^T's rows), tiled (shards of whole
+    tiles of 16 outputs) and plain."""
     mesh = make_mesh(platform, "rows")
-    check_matmul(platform, mesh, P(), P(None, "b"), (), 1, 256, 16 * len(devices(platform)))
+    for tiled in (True, False):
+        check_matmul(platform, mesh, P(), P(None, "b"), (), 1, 256, 16 * len(devices(platform)), tiled=tiled)
     check_matmul(platform, mesh, P(), P(None, "b"), (), 5, 300, 64, dtype=np.float32, k=3)
 
 
@@ -629,7 +632,35 @@ def _(platform):
 def _(platform):
     """x sharded along a batch dim and W along `out` on the other mesh axis."""
     mesh = any_mesh(platform)
-    check_matmul(platform, mesh, P("a", None, None), P(None, "b"), (2,), 4, 128, 48, dtype=np.float16, k=5)
+    # 48 outputs over the mesh's `b` axis are not whole tiles of 16: plain storage.
+    check_matmul(
+        platform, mesh, P("a", None, None), P(None, "b"), (2,), 4, 128, 48, dtype=np.float16, k=5, tiled=False
+    )
+
+
+@case("matmul-tiled-partial-tiles")
+def _(platform):
+    """A tiled W whose `out` shards would cut its tiles of 16 outputs: ``quantized_sharding`` leaves `out`
+    (and `in`) whole, and the product is still the unsharded one, bit for bit on the CPU."""
+    mesh = make_mesh(platform, "rows")
+    n = len(devices(platform))
+    if n < 2:
+        raise Skip("needs two devices")
+    din, dout = 256, 16 * (n // 2) if n > 2 else 16  # n shards of 8 (or fewer) outputs: not whole tiles
+    w = data((din, dout), np.float32, seed=3) * np.float32(0.05)
+    one = devices(platform)[0]
+    q1 = jax.jit(lambda w: jk.quantize_matrix(w, 4))(jax.device_put(w, one))
+    assert q1.tiled
+    spec = quantized_sharding(NamedSharding(mesh, P("a", "b")), q1)
+    assert spec.tiled and spec.stored.packed.spec == P(None, None, None), spec.stored.packed.spec
+    x = data((1, din), BF16, seed=4)
+    want = np.asarray(jax.jit(jk.matmul)(jax.device_put(x, one), q1))
+    qs = jax.device_put(q1, quantized_sharding(NamedSharding(mesh, P(None, "b")), q1))
+    y = jax.jit(jk.matmul)(jax.device_put(x, NamedSharding(mesh, P())), qs)
+    if platform == "cpu":
+        assert_bits(y, want, "tiled, partial tiles")
+    else:
+        np.testing.assert_allclose(np.asarray(y, np.float32), want.astype(np.float32), rtol=1e-2, atol=1e-2)
 
 
 @case("matmul-batch-sharded")

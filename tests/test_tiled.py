@@ -1,0 +1,293 @@
+"""Tiled ``QuantizedMatrix`` storage (docs/FORMAT.md, "Tiled matrices").
+
+A tiled matrix holds the same bits as the plain one with its blocks in another order, so every product must
+give the plain matrix's result bit for bit (the kernels sum the same terms in the same order either way), on
+the CPU handler, the dense path, the transposed product, the gradients and, where a GPU exists, the CUDA
+kernels. The stored order itself is checked against an independent NumPy statement of it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import BF16, KS, SCALE_FORMATS, dtype_id
+
+import jax_kbit as jk
+from jax_kbit import checkpoint
+from jax_kbit.quantized_matrix import can_tile, untile_arrays
+
+matmul_module = importlib.import_module("jax_kbit.matmul")
+
+CPU = jax.devices("cpu")[0]
+
+
+def _gpu():
+    try:
+        return jax.devices("gpu")[0]
+    except RuntimeError:
+        return None
+
+
+GPU = _gpu()
+needs_gpu = pytest.mark.skipif(
+    GPU is None or not jk.cuda_built(), reason="needs a CUDA GPU and the CUDA build"
+)
+
+# (in, out): several tile columns and rows; one tile column (the order is the identity there); a partial
+# last block along in (100 -> 4 blocks); many tiles of a decode-sized layer.
+TILEABLE = ((256, 64), (100, 32), (512, 16), (2048, 96))
+
+
+def pair(rng, din, dout, k, scale_format="e4m4", lead=()):
+    """The same weight quantized tiled and plain; with ``lead``, a stack of weights (one codebook each)."""
+    w = jnp.asarray(rng.standard_normal(lead + (din, dout)).astype(np.float32) * np.float32(0.05))
+
+    def quantize(tiled):
+        f = lambda w: jk.quantize_matrix(w, k, scale_format=scale_format, tiled=tiled)  # noqa: E731
+        for _ in lead:
+            f = jax.vmap(f)
+        return f(w)
+
+    return quantize(True), quantize(False)
+
+
+def bits(a) -> np.ndarray:
+    a = np.asarray(a)
+    return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[a.dtype.itemsize])
+
+
+def assert_same(a, b, msg=""):
+    np.testing.assert_array_equal(bits(a), bits(b), err_msg=msg)
+
+
+def stored_position(row: int, block: int, nb: int) -> int:
+    """Where block ``block`` of row ``row`` lies in the tiled storage, read off the definition: tiles of 16
+    rows x 4 blocks, the tiles of a row band one after another, a tile row-major inside."""
+    band, r = divmod(row, 16)
+    column, b = divmod(block, 4)
+    return ((band * (nb // 4) + column) * 16 + r) * 4 + b
+
+
+# ---------------------------------------------------------------- storage
+
+
+@pytest.mark.parametrize("k", KS)
+def test_stored_order_is_the_tile_order(rng, k):
+    assert not can_tile(jk.quantize(jnp.ones((48, 300)), k))  # 10 blocks along in: no whole tiles
+    tiled, plain = pair(rng, 384, 48, k, scale_format="f16")  # 12 blocks, 3 row bands
+    assert tiled.tiled and not plain.tiled
+    n, nb = 48, 12
+    words = np.asarray(tiled.stored.packed).reshape(n * nb, k)
+    scales = np.asarray(tiled.stored.scales).reshape(n * nb)
+    pw, ps = np.asarray(plain.t.packed), np.asarray(plain.t.scales)
+    for row in range(n):
+        for block in range(nb):
+            i = stored_position(row, block, nb)
+            np.testing.assert_array_equal(words[i], pw[row, block])
+            assert scales[i].view(np.uint16) == ps[row, block].view(np.uint16)
+    # Same shapes, same metadata, and .t gives the plain array back exactly.
+    for a, b in zip(jax.tree.leaves(tiled.t), jax.tree.leaves(plain.t)):
+        assert_same(a, b)
+    assert tiled.shape == plain.shape and tiled.stored.packed.shape == plain.t.packed.shape
+    assert tiled.nbytes == plain.nbytes and tiled.k == k and "tiled=True" in repr(tiled)
+    assert_same(tiled.dequantize(), plain.dequantize())
+    assert_same(jk.dequantize(tiled), jk.dequantize(plain))
+
+
+def test_default_tiles_where_it_can(rng):
+    for din, dout, expect in (
+        (256, 64, True),
+        (100, 32, True),
+        (96, 64, False),
+        (256, 40, False),
+        (16, 16, False),  # one block along in
+        (128, 16, True),
+    ):
+        q = jk.quantize_matrix(jnp.ones((din, dout), jnp.float32), 4)
+        assert q.tiled == expect, (din, dout)
+    q = jk.quantize_matrix(jnp.ones((0, 16), jnp.float32), 4)  # no blocks: nothing to tile
+    assert not q.tiled
+
+
+def test_conversions_and_errors(rng):
+    tiled, plain = pair(rng, 256, 32, 4)
+    assert plain.with_tiles() is not plain and plain.with_tiles().tiled
+    assert tiled.with_tiles(True) is tiled
+    assert_same(plain.with_tiles().stored.packed, tiled.stored.packed)
+    assert_same(tiled.with_tiles(False).stored.packed, plain.stored.packed)
+    assert_same(jk.QuantizedMatrix(plain.t, tiled=True).stored.scales, tiled.stored.scales)
+    w = jnp.ones((96, 40), jnp.float32)
+    with pytest.raises(ValueError, match="out % 16 == 0"):
+        jk.quantize_matrix(w, 4, tiled=True)
+    with pytest.raises(ValueError, match="tiled=True needs"):
+        jk.QuantizedMatrix(jk.quantize(w.T, 4), tiled=True)
+    with pytest.raises(TypeError, match="tiled must be None or a bool"):
+        jk.quantize_matrix(w, 4, tiled="yes")
+    with pytest.raises(TypeError, match="tiled must be a bool"):
+        jk.QuantizedMatrix(plain.t, tiled=1)
+    # The primitive itself refuses tile order on a shape that has none (a hand-built call).
+    t = jk.quantize(w.T, 4)
+    with pytest.raises(ValueError, match="tiled storage needs"):
+        matmul_module.matmul_p.bind(
+            jnp.ones((1, 96), jnp.float32), t.packed, t.scales, t.codebook, t.tensor_scale,
+            k=4, scale_format="e4m4", d=96, tiled=True,
+        )  # fmt: skip
+
+
+def test_pytree_jit_and_stack(rng):
+    tiled, plain = pair(rng, 256, 32, 3, lead=(3,))
+    assert tiled.tiled and tiled.shape == (3, 256, 32)
+    leaves, treedef = jax.tree.flatten(tiled)
+    again = jax.tree.unflatten(treedef, leaves)
+    assert again.tiled and isinstance(again, jk.QuantizedMatrix)
+    through = jax.jit(lambda q: q)(tiled)
+    assert through.tiled and all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(through), leaves))
+    one = jax.tree.map(lambda a: a[1], tiled)  # a layer of the stack, still tiled
+    assert_same(one.dequantize(), plain.dequantize()[1])
+
+
+# ---------------------------------------------------------------- products on the CPU
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, BF16], ids=dtype_id)
+@pytest.mark.parametrize("k", KS)
+def test_cpu_products_match_plain(rng, k, dtype):
+    for din, dout in TILEABLE:
+        tiled, plain = pair(rng, din, dout, k)
+        for m in (1, 2, 17, 40):  # 40 rows: dequantize + dot
+            x = jnp.asarray(rng.standard_normal((m, din)).astype(dtype))
+            g = jnp.asarray(rng.standard_normal((m, dout)).astype(dtype))
+            what = f"k={k} m={m} {din}x{dout}"
+            f = jax.jit(jk.matmul)
+            assert_same(f(x, tiled), f(x, plain), what)
+            ft = jax.jit(lambda g, q: jk.matmul(g, q, transpose=True))
+            assert_same(ft(g, tiled), ft(g, plain), what + " transposed")
+
+
+@pytest.mark.parametrize("scale_format", SCALE_FORMATS)
+def test_cpu_grads_and_vmap_match_plain(rng, scale_format):
+    tiled, plain = pair(rng, 256, 48, 4, scale_format=scale_format)
+    x = jnp.asarray(rng.standard_normal((3, 256)).astype(np.float32))
+
+    def loss(x, q):
+        return jnp.sum(jnp.sin(jk.matmul(x, q)))
+
+    assert_same(jax.grad(loss)(x, tiled), jax.grad(loss)(x, plain))
+
+    def with_parts(cb, ts, scales, q):  # tangents of the codebook, tensor scale and (float) block scales
+        s = q.stored
+        qq = jax.tree.unflatten(
+            jax.tree.structure(q),
+            [s.packed, scales, cb, ts],
+        )
+        return loss(x, qq)
+
+    float_scales = scale_format != "e4m4"
+    argnums = (0, 1, 2) if float_scales else (0, 1)
+    got = jax.grad(with_parts, argnums=argnums)(
+        tiled.stored.codebook, tiled.stored.tensor_scale, tiled.stored.scales, tiled
+    )
+    want = jax.grad(with_parts, argnums=argnums)(
+        plain.stored.codebook, plain.stored.tensor_scale, plain.stored.scales, plain
+    )
+    for a, b in zip(got[:2], want[:2]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    if float_scales:  # the scales' gradient, in each one's own storage order
+        back = np.asarray(untile_arrays(None, got[2])[1])
+        np.testing.assert_allclose(
+            back.astype(np.float32), np.asarray(want[2], np.float32), rtol=1e-3, atol=1e-6
+        )
+    # vmap over x (one weight) and over a stack of weights (the dense path, per weight).
+    xs = jnp.asarray(rng.standard_normal((5, 2, 256)).astype(np.float32))
+    assert_same(
+        jax.vmap(jk.matmul, in_axes=(0, None))(xs, tiled), jax.vmap(jk.matmul, in_axes=(0, None))(xs, plain)
+    )
+    ts, ps = pair(rng, 256, 48, 2, lead=(5,))
+    assert_same(jax.vmap(jk.matmul)(xs, ts), jax.vmap(jk.matmul)(xs, ps))
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def test_checkpoints_store_row_order_and_restore_tiles(rng, tmp_path):
+    pytest.importorskip("safetensors")
+    tiled, plain = pair(rng, 256, 32, 4)
+    tree = {"layer": {"kernel": tiled}, "other": {"kernel": plain}}
+    path = checkpoint.save_safetensors(tree, tmp_path / "w.safetensors")
+    from safetensors.numpy import load_file
+
+    raw = load_file(str(path))  # what any reader sees: plain format v1
+    np.testing.assert_array_equal(raw["layer.kernel.packed"], np.asarray(plain.t.packed))
+    back = checkpoint.load_safetensors(path)
+    assert back["layer"]["kernel"].tiled and not back["other"]["kernel"].tiled
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(tree)):
+        assert_same(a, b)
+    back_np = checkpoint.load_safetensors(path, as_numpy=True)
+    assert_same(back_np["layer"]["kernel"].stored.packed, tiled.stored.packed)
+
+
+def test_orbax_restores_into_the_targets_order(rng, tmp_path):
+    pytest.importorskip("orbax.checkpoint")
+    tiled, plain = pair(rng, 256, 32, 4)
+    checkpoint.save_checkpoint(tmp_path / "c", {"w": tiled})
+    back = checkpoint.restore_checkpoint(tmp_path / "c")
+    assert back["w"].tiled
+    assert_same(back["w"].stored.packed, tiled.stored.packed)
+    as_plain = checkpoint.restore_checkpoint(tmp_path / "c", target={"w": plain})
+    assert not as_plain["w"].tiled
+    assert_same(as_plain["w"].stored.packed, plain.stored.packed)
+    abstract = jax.eval_shape(lambda: {"w": tiled})
+    assert abstract["w"].tiled
+    restored = checkpoint.restore_checkpoint(tmp_path / "c", target=abstract)
+    assert restored["w"].tiled
+    assert_same(restored["w"].stored.scales, tiled.stored.scales)
+
+
+# ---------------------------------------------------------------- GPU
+
+
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("dtype", [np.float16, BF16], ids=dtype_id)
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_products_match_plain(rng, k, dtype):
+    # (8192, 64): split reductions added up in the CTA; (16384, 32): through the workspace; (2048, 25600):
+    # one split, more than half the resident warps; (1024, 2208): two splits, tiles grouped per CTA.
+    shapes = TILEABLE + ((8192, 64), (16384, 32), (2048, 25600), (1024, 2208))
+    for din, dout in shapes:
+        tiled, plain = pair(rng, din, dout, k)
+        tiled, plain = jax.device_put(tiled, GPU), jax.device_put(plain, GPU)
+        for m in (1, 2, 7, 16, 32):  # the batch-1 kernel (K <= 4), the 16-row kernel
+            x = jax.device_put(jnp.asarray(rng.standard_normal((m, din)).astype(dtype)), GPU)
+            f = jax.jit(jk.matmul)
+            assert_same(f(x, tiled), f(x, plain), f"k={k} m={m} {din}x{dout}")
+
+
+@pytest.mark.parametrize("scale_format", SCALE_FORMATS)
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_scale_formats_transposed_and_nonfinite(rng, scale_format, monkeypatch):
+    monkeypatch.setattr(matmul_module, "cuda_fused_transposed", True)
+    w = rng.standard_normal((512, 48)).astype(np.float32)
+    w[40, 17] = np.nan
+    w[300, 33] = np.inf
+    for k in KS:
+        tiled = jax.device_put(
+            jk.quantize_matrix(jnp.asarray(w), k, scale_format=scale_format, tiled=True), GPU
+        )
+        plain = jax.device_put(
+            jk.quantize_matrix(jnp.asarray(w), k, scale_format=scale_format, tiled=False), GPU
+        )
+        for m in (1, 2, 9):
+            x = rng.standard_normal((m, 512)).astype(BF16)
+            x[0, 5] = np.inf if m > 1 else x[0, 5]
+            x = jax.device_put(jnp.asarray(x), GPU)
+            g = jax.device_put(jnp.asarray(rng.standard_normal((m, 48)).astype(BF16)), GPU)
+            what = f"{scale_format} k={k} m={m}"
+            assert_same(jax.jit(jk.matmul)(x, tiled), jax.jit(jk.matmul)(x, plain), what)
+            ft = jax.jit(lambda g, q: jk.matmul(g, q, transpose=True))
+            assert_same(ft(g, tiled), ft(g, plain), what + " transposed")
