@@ -53,6 +53,12 @@ for k in (2, 3, 4, 5):
             (1, 256, 25600, "e4m4"),  # enough tiles for the batch-1 kernel's one-split path
             (1, 1024, 2200, "e4m4"),  # its splits added in the CTA, two tiles per CTA
             (2, 16384, 40, "f16"),  # 32 splits: more than a CTA's warps, so the workspace and sum kernel
+            # tiled storage (quantize_matrix tiles these: out % 16 == 0, blocks % 4 == 0), the same paths
+            (3, 1000, 4096, "f32"),
+            (1, 1024, 2208, "e4m4"),
+            (2, 16384, 48, "f16"),
+            (16, 4096, 48, "e4m4"),
+            (1, 4096, 64, "e4m4"),
         ):
             w = jax.device_put(rng.standard_normal((din, dout)).astype(np.float32), gpu)
             x = jax.device_put(rng.standard_normal((m, din)).astype(np.float32), gpu).astype(dtype)
