@@ -150,8 +150,8 @@ ffi::Error MatmulTImpl(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::Buffer<ffi::
                        ffi::Buffer<ffi::F32> tensor_scale, ffi::Result<ffi::AnyBuffer> out, int32_t k,
                        int32_t scale_format, int64_t d) {
   MatmulLayout L;
-  if (ffi::Error e = matmul_t_layout_of(g, packed, scales, codebook, tensor_scale, *out, k, scale_format,
-                                        kTiled, d, &L);
+  if (ffi::Error e =
+          matmul_t_layout_of(g, packed, scales, codebook, tensor_scale, *out, k, scale_format, kTiled, d, &L);
       e.failure()) {
     return e;
   }

@@ -289,12 +289,14 @@ __device__ __forceinline__ void chunk_step(ScaleFormat fmt, const void* __restri
 // One work item of one warp: output rows [16 * tile, 16 * tile + 16), blocks [split * per_split, ...),
 // MT tiles of 8 rows of x.
 template <bool kBf16, int K, int MT>
-__device__ __forceinline__ void matmul_item(
-    ScaleFormat fmt, const uint32_t* __restrict__ packed, const void* __restrict__ scales,
-    const float* __restrict__ codebook, float t, const uint16_t* __restrict__ x, int64_t m_rows,
-    int64_t n_out, int64_t nb, int64_t tiles, int64_t splits, int64_t per_split, float* __restrict__ partial,
-    uint16_t* __restrict__ out, const uint32_t* table, const float* scale_table, int lane, int64_t item,
-    bool tiled) {
+__device__ __forceinline__ void matmul_item(ScaleFormat fmt, const uint32_t* __restrict__ packed,
+                                            const void* __restrict__ scales,
+                                            const float* __restrict__ codebook, float t,
+                                            const uint16_t* __restrict__ x, int64_t m_rows, int64_t n_out,
+                                            int64_t nb, int64_t tiles, int64_t splits, int64_t per_split,
+                                            float* __restrict__ partial, uint16_t* __restrict__ out,
+                                            const uint32_t* table, const float* scale_table, int lane,
+                                            int64_t item, bool tiled) {
   constexpr bool kTable = K <= 4;
   const int64_t tile = item % tiles;
   const int64_t split = item / tiles;
@@ -351,8 +353,8 @@ __global__ void __launch_bounds__(kMmThreads, min_ctas<K, MT>())
     matmul_kernel(ScaleFormat fmt, const uint32_t* __restrict__ packed, const void* __restrict__ scales,
                   const float* __restrict__ codebook, const float* __restrict__ tensor_scale,
                   const uint16_t* __restrict__ x, int64_t m_rows, int64_t n_out, int64_t nb, int64_t tiles,
-                  int64_t splits, int64_t per_split, float* __restrict__ partial,
-                  uint16_t* __restrict__ out, bool tiled) {
+                  int64_t splits, int64_t per_split, float* __restrict__ partial, uint16_t* __restrict__ out,
+                  bool tiled) {
   extern __shared__ uint4 smem[];
   const int lane = threadIdx.x & 31;
   const float t = tensor_scale[0];

@@ -201,8 +201,8 @@ ffi::Error MatmulTImpl(cudaStream_t stream, ffi::AnyBuffer g, ffi::Buffer<ffi::U
                        ffi::Result<ffi::Buffer<ffi::F32>> workspace, int32_t k, int32_t scale_format,
                        int64_t d) {
   MatmulLayout L;
-  if (ffi::Error e = matmul_t_layout_of(g, packed, scales, codebook, tensor_scale, *out, k, scale_format,
-                                        kTiled, d, &L);
+  if (ffi::Error e =
+          matmul_t_layout_of(g, packed, scales, codebook, tensor_scale, *out, k, scale_format, kTiled, d, &L);
       e.failure()) {
     return e;
   }

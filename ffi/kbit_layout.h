@@ -147,7 +147,8 @@ ffi::Error matmul_layout_of(const X& x, const Packed& packed, const Scales& scal
   L->format = fmt;
   L->tiled = tiled;
   if (tiled && (L->n % kTileRows != 0 || L->nb % kTileBlocks != 0)) {
-    return invalid("a tiled matrix needs out % 16 == 0 and a multiple of 4 blocks along in, got packed " + dims_str(pd));
+    return invalid("a tiled matrix needs out % 16 == 0 and a multiple of 4 blocks along in, got packed " +
+                   dims_str(pd));
   }
   return ffi::Error::Success();
 }
