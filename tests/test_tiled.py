@@ -9,6 +9,7 @@ kernels. The stored order itself is checked against an independent NumPy stateme
 from __future__ import annotations
 
 import importlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -208,6 +209,19 @@ def test_cpu_grads_and_vmap_match_plain(rng, scale_format):
     )
     ts, ps = pair(rng, 256, 48, 2, lead=(5,))
     assert_same(jax.vmap(jk.matmul)(xs, ts), jax.vmap(jk.matmul)(xs, ps))
+
+
+def test_tiled_targets_are_called(rng):
+    """A tiled matrix lowers to the tiled handlers (forward and transposed), a plain one to the plain ones."""
+    tiled, plain = pair(rng, 256, 32, 4)
+    x = jnp.ones((2, 256), jnp.float32)
+
+    def targets(q):
+        f = jax.jit(jax.grad(lambda x: jnp.sum(jk.matmul(x, q) ** 2)))
+        return set(re.findall(r"kbit_matmul\w*", f.lower(x).as_text()))
+
+    assert targets(tiled) == {"kbit_matmul_tiled", "kbit_matmul_t_tiled"}
+    assert targets(plain) == {"kbit_matmul", "kbit_matmul_t"}
 
 
 # ---------------------------------------------------------------- checkpoints
