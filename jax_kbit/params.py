@@ -25,7 +25,7 @@ from jax_kbit import codebooks as _codebooks
 from jax_kbit.api import dequantize, quantize
 from jax_kbit.matmul import quantize_matrix
 from jax_kbit.quantized_array import QuantizedArray
-from jax_kbit.quantized_matrix import QuantizedMatrix
+from jax_kbit.quantized_matrix import TILE_BLOCKS, TILE_ROWS, QuantizedMatrix
 from jax_kbit.reference import (
     BLOCK,
     FLOAT_DTYPES,
@@ -223,15 +223,26 @@ def _is_fit(codebook: Any) -> bool:
     return isinstance(codebook, str) and codebook == "fit"
 
 
-def _quantize_leaf(leaf: Any, settings: _Settings, path: str) -> QuantizedArray | QuantizedMatrix:
+def _quantize_leaf(
+    leaf: Any, settings: _Settings, path: str, tiled: bool | None = None
+) -> QuantizedArray | QuantizedMatrix:
     """One selected leaf, quantized with ``settings`` in its resolved layout."""
     layout = _resolve_layout(settings.layout, path, leaf)
     # A fitted codebook is fitted to the values as they are blocked: along `in` for a matrix.
     blocked = _swap_last_two(leaf) if layout == "matrix" and _is_fit(settings.codebook) else leaf
     cb = _resolve_codebook(settings.codebook, settings.k, blocked, settings.scale_format, path)
     if layout == "matrix":
-        return quantize_matrix(leaf, settings.k, codebook=cb, scale_format=settings.scale_format)
+        # tiled=True only where the shape allows it (the argument's promise is about the default order)
+        tile = None if tiled is None else (tiled and _can_tile_shape(leaf.shape))
+        return quantize_matrix(leaf, settings.k, codebook=cb, scale_format=settings.scale_format, tiled=tile)
     return quantize(leaf, settings.k, codebook=cb, scale_format=settings.scale_format)
+
+
+def _can_tile_shape(shape: tuple[int, ...]) -> bool:
+    """Whether a weight ``[..., in, out]`` can be stored tiled (``quantized_matrix.can_tile``)."""
+    din, dout = int(shape[-2]), int(shape[-1])
+    nb = -(-din // 32)
+    return dout > 0 and nb > 0 and dout % TILE_ROWS == 0 and nb % TILE_BLOCKS == 0
 
 
 def _swap_last_two(x: Any) -> Any:
@@ -284,6 +295,7 @@ def quantize_params(
     codebook: Any = None,
     scale_format: str = "e4m4",
     layout: Layout = "auto",
+    tiled: bool | None = None,
 ) -> Any:
     """Replace selected float leaves of a pytree with ``QuantizedMatrix`` or ``QuantizedArray``.
 
@@ -308,6 +320,9 @@ def quantize_params(
       layout: default storage (``Layout``): ``"auto"`` (matrices for Flax kernels, arrays otherwise),
         ``"matrix"`` (every selected leaf, read as ``[..., in, out]``; rank >= 2) or ``"array"`` (every
         selected leaf, blocks along its last axis: the layout of jax-kbit 0.1).
+      tiled: storage order of the ``QuantizedMatrix`` leaves (docs/MATMUL.md): ``None`` (the default) and
+        ``True`` tile every matrix whose shape allows it (``out % 16 == 0``, a multiple of 4 blocks along
+        ``in``), ``False`` keeps row order (e.g. to shard ``out`` into pieces that are not whole tiles).
 
     Returns:
       A pytree of the same structure with some leaves replaced by ``QuantizedMatrix`` / ``QuantizedArray``.
@@ -319,6 +334,8 @@ def quantize_params(
         raise ValueError(f"min_size must be a non-negative int, got {min_size!r}")
     _check_codebook_spec(codebook, "quantize_params")
     layout = _check_layout(layout, "quantize_params")
+    if tiled is not None and not isinstance(tiled, (bool, np.bool_)):
+        raise TypeError(f"tiled must be None or a bool, got {type(tiled).__name__}")
     rules = _check_rules(rules)
     default = _Settings(
         k=k, min_size=int(min_size), min_rank=2, codebook=codebook, scale_format=scale_format, layout=layout
@@ -336,7 +353,7 @@ def quantize_params(
         if settings is None or not _quantizable(leaf, settings):
             out.append(leaf)
             continue
-        out.append(_quantize_leaf(leaf, settings, path))
+        out.append(_quantize_leaf(leaf, settings, path, tiled))
     for rule, n in zip(rules, hits):
         if n == 0:
             warnings.warn(

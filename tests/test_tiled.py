@@ -224,6 +224,23 @@ def test_tiled_targets_are_called(rng):
     assert targets(plain) == {"kbit_matmul", "kbit_matmul_t"}
 
 
+def test_quantize_params_tiles_kernels_where_it_can(rng):
+    params = {
+        "dense": {"kernel": jnp.asarray(rng.standard_normal((256, 64)), jnp.float32)},
+        "odd": {"kernel": jnp.asarray(rng.standard_normal((96, 40)), jnp.float32)},
+    }
+    q = jk.quantize_params(params, 4, min_size=1)
+    assert q["dense"]["kernel"].tiled and not q["odd"]["kernel"].tiled
+    assert jk.quantize_params(params, 4, min_size=1, tiled=True)["dense"]["kernel"].tiled
+    rows = jk.quantize_params(params, 4, min_size=1, tiled=False)
+    assert not rows["dense"]["kernel"].tiled
+    assert_same(rows["dense"]["kernel"].stored.packed, q["dense"]["kernel"].t.packed)
+    report = jk.compression_report(params, q)
+    assert {r.layout for r in report.rows} == {"matrix"}
+    with pytest.raises(TypeError, match="tiled must be None or a bool"):
+        jk.quantize_params(params, 4, tiled="no")
+
+
 # ---------------------------------------------------------------- checkpoints
 
 
