@@ -33,8 +33,9 @@ void matmul_rows(const MatmulLayout& L, const float* xf, const uint32_t* packed,
   std::vector<float> block_scales(static_cast<size_t>(L.nb));
   const int64_t ldx = L.nb * kBlock;
   for (int64_t n = begin; n < end; ++n) {
+    const int64_t row = block_index(n, 0, L.nb, L.tiled);
     for (int64_t b = 0; b < L.nb; ++b) {
-      const int64_t i = block_index(n, b, L.nb, L.tiled);
+      const int64_t i = row + block_offset(b, L.tiled);
       const uint32_t* w = packed + i * K;
       block_scales[b] = decode_scale(L.format, read_scale(scales, i, L.format), t);
       float* v = values.data() + b * kBlock;
@@ -67,8 +68,9 @@ void matmul_t_blocks(const MatmulLayout& L, int64_t d, const float* gf, const ui
   float v[kBlock];
   for (int64_t b = begin; b < end; ++b) {
     std::fill(acc.begin(), acc.end(), 0.0f);
+    const int64_t column = block_offset(b, L.tiled);
     for (int64_t o = 0; o < L.n; ++o) {
-      const int64_t bi = block_index(o, b, L.nb, L.tiled);
+      const int64_t bi = block_index(o, 0, L.nb, L.tiled) + column;
       const uint32_t* w = packed + bi * K;
       const float s = decode_scale(L.format, read_scale(scales, bi, L.format), t);
       for (int i = 0; i < kBlock; ++i) {

@@ -33,6 +33,12 @@ enum class ScaleFormat : int32_t { kE4M4 = 0, kF16 = 1, kF32 = 2 };
 constexpr int kTileRows = 16;
 constexpr int kTileBlocks = 4;
 
+// Where block b of a row is stored relative to the row's block 0 (block_index(row, 0, ...)): the same for
+// every row, so a loop over blocks or rows can add the two parts instead of dividing per block.
+KBIT_HD int64_t block_offset(int64_t b, bool tiled) {
+  return tiled ? (b / kTileBlocks) * (kTileRows * kTileBlocks) + b % kTileBlocks : b;
+}
+
 // Where block b of row `row` is stored: its index into the [n, nb] scales (times K: into the words).
 KBIT_HD int64_t block_index(int64_t row, int64_t b, int64_t nb, bool tiled) {
   if (!tiled) return row * nb + b;
