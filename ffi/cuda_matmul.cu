@@ -204,9 +204,9 @@ struct ItemPointers {
 };
 
 // Block b of the item's rows, relative to block 0 (w0 / s0 point there): in tile order, only runs of four
-// blocks starting at multiples of 4 are adjacent (kbit_format.h, block_index).
+// blocks starting at multiples of 4 are adjacent (kbit_format.h, block_offset).
 __device__ __forceinline__ int64_t block_offset(const ItemPointers& P, int64_t b) {
-  return P.tiled ? (b >> 2) * (kTileRows * kTileBlocks) + (b & 3) : b;
+  return kbit::block_offset(b, P.tiled);
 }
 
 // C blocks starting at block b: all loads first (weights, scales, x), then the products.

@@ -36,7 +36,8 @@ constexpr int kTileBlocks = 4;
 // Where block b of a row is stored relative to the row's block 0 (block_index(row, 0, ...)): the same for
 // every row, so a loop over blocks or rows can add the two parts instead of dividing per block.
 KBIT_HD int64_t block_offset(int64_t b, bool tiled) {
-  return tiled ? (b / kTileBlocks) * (kTileRows * kTileBlocks) + b % kTileBlocks : b;
+  const uint64_t u = static_cast<uint64_t>(b);  // b >= 0: unsigned division is a shift
+  return tiled ? static_cast<int64_t>((u / kTileBlocks) * (kTileRows * kTileBlocks) + u % kTileBlocks) : b;
 }
 
 // Where block b of row `row` is stored: its index into the [n, nb] scales (times K: into the words).
