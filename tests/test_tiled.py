@@ -9,7 +9,11 @@ kernels. The stored order itself is checked against an independent NumPy stateme
 from __future__ import annotations
 
 import importlib
+import os
 import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -97,6 +101,49 @@ def test_stored_order_is_the_tile_order(rng, k):
     assert tiled.nbytes == plain.nbytes and tiled.k == k and "tiled=True" in repr(tiled)
     assert_same(tiled.dequantize(), plain.dequantize())
     assert_same(jk.dequantize(tiled), jk.dequantize(plain))
+
+
+def test_kernel_addressing_matches_the_stored_order(rng, tmp_path):
+    """ffi/kbit_format.h's block_index / block_offset (what every kernel reads by) against the order
+    ``QuantizedMatrix`` stores, including offsets beyond 2**31."""
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.skip("no C++ compiler on PATH")
+    root = Path(__file__).resolve().parents[1]
+    exe = tmp_path / "print_block_index"
+    subprocess.run(
+        [cxx, "-O2", "-std=c++17", "-Wall", f"-I{root / 'ffi'}", str(root / "tests/cpp/print_block_index.cc"),
+         "-o", str(exe)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    cases = []
+    for n, nb in ((16, 4), (48, 12), (32, 8), (160, 36)):
+        # The stored order as quantized_matrix builds it: position of every (row, block) after to_tiles.
+        ids = np.arange(n * nb, dtype=np.int64).reshape(n, nb)
+        where = np.empty(n * nb, np.int64)
+        where[np.asarray(_permute_for_test(ids)).reshape(-1)] = np.arange(n * nb)
+        for row in range(n):
+            for b in range(nb):
+                cases.append((n, nb, row, b, row * nb + b, int(where[row * nb + b])))
+    big_n, big_nb = 1 << 20, 1 << 12  # 2**32 blocks: 64-bit offsets
+    for _ in range(200):
+        row, b = int(rng.integers(0, big_n)), int(rng.integers(0, big_nb))
+        cases.append((big_n, big_nb, row, b, row * big_nb + b, stored_position(row, b, big_nb)))
+    text = "".join(f"{n} {nb} {r} {b}\n" for n, nb, r, b, _, _ in cases)
+    out = subprocess.run([str(exe)], input=text, capture_output=True, text=True, check=True).stdout.split(
+        "\n"
+    )
+    for case, line in zip(cases, out):
+        plain, tiled, plain2, tiled2 = map(int, line.split())
+        assert (plain, tiled) == case[4:] and (plain2, tiled2) == (plain, tiled), (case, line)
+    assert len([line for line in out if line]) == len(cases)
+
+
+def _permute_for_test(ids: np.ndarray) -> np.ndarray:
+    """``ids`` [n, nb] put in tile order the way ``to_tiles`` orders the scales."""
+    from jax_kbit.quantized_matrix import _permute
+
+    return _permute(ids, False, True)
 
 
 def test_default_tiles_where_it_can(rng):
