@@ -83,9 +83,9 @@ class QuantizedMatrix:
     takes one ``[in, out]`` matrix (index the stack, or ``lax.scan`` over it).
 
     ``tiled=True`` stores the same bits with the blocks of every 16 outputs x 4 blocks side by side (tile
-    order, docs/FORMAT.md "Tiled matrices"), which cuts the batch-1 GPU kernel's time by 16–29 % at large shapes. Then
-    ``stored`` (the pytree leaf) holds the tile-ordered arrays and ``t`` rebuilds the plain ones (a
-    permutation of the words, computed on access: use ``stored`` where only metadata is needed).
+    order, docs/FORMAT.md "Tiled matrices"), which cuts the batch-1 GPU kernel's time by 16–29 % at large
+    shapes. Then ``stored`` (the pytree leaf) holds the tile-ordered arrays and ``t`` rebuilds the plain
+    ones (a permutation of the words, computed on access: use ``stored`` where only metadata is needed).
     """
 
     __slots__ = ("stored", "tiled")
