@@ -109,6 +109,24 @@ def test_quantized_array_in_and_out():
     assert_same(loaded_d.call(q), jax.jit(dequantize)(q))
 
 
+@pytest.mark.parametrize("tiled", [True, False])
+def test_quantized_matrix_in_and_out(tiled):
+    """QuantizedMatrix (tiled or not) is a pytree that export serializes, and matmul exports with it."""
+    w = data((256, 64), np.float32) * np.float32(0.05)
+
+    def quantize(w):
+        return jk.quantize_matrix(w, 4, tiled=tiled)
+
+    loaded_q = round_trip(quantize, w)
+    q = loaded_q.call(w)
+    assert isinstance(q, jk.QuantizedMatrix) and q.tiled == tiled and q.shape == (256, 64)
+    assert_same(q, jax.jit(quantize)(w))
+    x = data((3, 256), BF16, seed=1)
+    loaded_m = round_trip(jk.matmul, x, q)
+    assert_same(loaded_m.call(x, q), jax.jit(jk.matmul)(x, q))
+    assert ("@kbit_matmul_tiled" in loaded_m.mlir_module()) == tiled
+
+
 def test_vmap():
     """A vmapped function (one tensor scale per example: group dims) exports like any other."""
     x = data((3, 4, 64))
