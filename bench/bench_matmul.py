@@ -2,8 +2,10 @@
 
 For each weight shape ``[in, out]`` and row count M: ``x @ W`` with W stored k-bit (``jax_kbit.matmul``), XLA's
 bf16 ``dot``, torch's bf16 ``matmul`` (cuBLAS) when torch sees the GPU, bitsandbytes NF4 ``matmul_4bit``
-(its gemv at M = 1) when importable, and ``dequantize`` + bf16 ``dot`` (what a user writes without the fused
-kernel); for M <= 32 also the fused transposed product ``g @ W.T`` (the backward pass for x; off by default, see
+(its gemv at M = 1) when importable, and ``dequantize`` + bf16 ``dot`` of a row-order matrix (what a user writes
+without the fused kernel, with the storage that suits it). W is stored as ``quantize_matrix`` stores it (tiled
+where the shape allows); ``jax_kbit.matmul`` of the same codes in row order (``tiled=False``) is timed beside
+it, so the two storage orders are compared within the run. For M <= 32 also the fused transposed product ``g @ W.T`` (the backward pass for x; off by default, see
 ``jax_kbit.matmul.cuda_fused_transposed``). Every JAX timing runs ``COPIES`` products over distinct weights inside one ``jit`` so that no weight
 stays in the 50 MB L2 and dispatch is amortised; times are per product. Prints a table and writes JSON.
 """
@@ -115,8 +117,8 @@ def main() -> None:
     key = jax.random.key(0)
     results = []
     header = (
-        f"{'shape':>12} {'M':>4} {'K':>2} {'kbit us':>9} {'xla bf16':>9} {'torch bf16':>10} {'bnb nf4':>8} "
-        f"{'deq+dot':>8} {'x best bf16':>11} {'GB/s':>6} {'fused g@W.T':>11}"
+        f"{'shape':>12} {'M':>4} {'K':>2} {'kbit us':>9} {'rows us':>8} {'xla bf16':>9} {'torch bf16':>10} "
+        f"{'bnb nf4':>8} {'deq+dot':>8} {'x best bf16':>11} {'GB/s':>6} {'fused g@W.T':>11}"
     )
     print(header)
     for din, dout in SHAPES:
@@ -129,17 +131,19 @@ def main() -> None:
         ks = (2, 3, 4, 5) if not args.quick or (din, dout) == (8192, 8192) else (4,)
         for k in ks:
             qs = [jk.quantize_matrix(w, k) for w in ws]
-            jax.block_until_ready(qs)
+            rows_order = [q.with_tiles(False) for q in qs]  # the same codes in row order
+            jax.block_until_ready((qs, rows_order))
             for m in rows:
                 x = jax.random.normal(jax.random.fold_in(key, 1000 + m), (m, din), jnp.bfloat16)
                 t_k = _chain(lambda x, q: jk.matmul(x, q))(x, qs)
+                t_rows = _chain(lambda x, q: jk.matmul(x, q))(x, rows_order) if qs[0].tiled else t_k
                 t_grad = None
                 if m <= 32:  # the fused transposed kernel (off by default) against deq + dot
                     _MM.cuda_fused_transposed = True
                     g = jax.random.normal(jax.random.fold_in(key, 2000 + m), (m, dout), jnp.bfloat16)
                     t_grad = _chain(lambda g, q: jk.matmul(g, q, transpose=True))(g, qs)
                     _MM.cuda_fused_transposed = False
-                t_dd = _chain(lambda x, q: jnp.dot(x, q.dequantize(jnp.bfloat16)))(x, qs)
+                t_dd = _chain(lambda x, q: jnp.dot(x, q.dequantize(jnp.bfloat16)))(x, rows_order)
                 t_torch = peers.get(("torch_bf16", m))
                 t_bnb = peers.get(("bnb_nf4", m))
                 best = min(t for t in (xla[m], t_torch) if t is not None)
@@ -150,6 +154,8 @@ def main() -> None:
                     "m": m,
                     "k": k,
                     "kbit_s": t_k,
+                    "tiled": bool(qs[0].tiled),
+                    "kbit_rows_s": t_rows,
                     "kbit_fused_transposed_s": t_grad,
                     "xla_bf16_s": xla[m],
                     "torch_bf16_s": t_torch,
@@ -165,12 +171,12 @@ def main() -> None:
                     return f"{t * 1e6:.1f}" if t is not None else "-"
 
                 print(
-                    f"{din:>5}x{dout:<6} {m:>4} {k:>2} {us(t_k):>9} {us(xla[m]):>9} {us(t_torch):>10} "
+                    f"{din:>5}x{dout:<6} {m:>4} {k:>2} {us(t_k):>9} {us(t_rows):>8} {us(xla[m]):>9} {us(t_torch):>10} "
                     f"{us(t_bnb):>8} {us(t_dd):>8} {best / t_k:>10.2f}x {wbytes / t_k / 1e9:>6.0f} "
                     f"{us(t_grad):>11}",
                     flush=True,
                 )
-            del qs
+            del qs, rows_order
         del ws
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
