@@ -203,12 +203,6 @@ struct ItemPointers {
   bool tiled;        // blocks in tile order: a row's blocks 4j .. 4j + 3 are adjacent, 64 blocks apart
 };
 
-// Block b of the item's rows, relative to block 0 (w0 / s0 point there): in tile order, only runs of four
-// blocks starting at multiples of 4 are adjacent (kbit_format.h, block_offset).
-__device__ __forceinline__ int64_t block_offset(const ItemPointers& P, int64_t b) {
-  return kbit::block_offset(b, P.tiled);
-}
-
 // C blocks starting at block b: all loads first (weights, scales, x), then the products.
 template <bool kBf16, int K, int MT, int C>
 __device__ __forceinline__ void chunk_step(ScaleFormat fmt, const void* __restrict__ scales, float t,
@@ -216,7 +210,9 @@ __device__ __forceinline__ void chunk_step(ScaleFormat fmt, const void* __restri
                                            uint32_t entry, const uint32_t* table, int lane,
                                            float (&acc)[MT][4]) {
   const int c = lane & 3;
-  const int64_t o = block_offset(P, b);  // chunks of 4 start at multiples of 4: their blocks are adjacent
+  // Block b relative to the rows' block 0 (w0 / s0 point there). Chunks of 4 start at multiples of 4, so in
+  // tile order too their blocks are adjacent (kbit_format.h).
+  const int64_t o = block_offset(b, P.tiled);
   uint32_t w0[C][K], w1[C][K];
 #pragma unroll
   for (int u = 0; u < C; ++u) {
@@ -451,20 +447,6 @@ ffi::Error MatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U3
     });
   });
   return result;
-}
-
-auto matmul_binding() {
-  return ffi::Ffi::Bind()
-      .Ctx<ffi::PlatformStream<cudaStream_t>>()
-      .Arg<ffi::AnyBuffer>()
-      .Arg<ffi::Buffer<ffi::U32>>()
-      .Arg<ffi::AnyBuffer>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Ret<ffi::AnyBuffer>()
-      .Ret<ffi::Buffer<ffi::F32>>()  // workspace (cuda_mma.cuh)
-      .Attr<int32_t>("k")
-      .Attr<int32_t>("scale_format");
 }
 
 }  // namespace

@@ -247,20 +247,7 @@ ffi::Error MatmulTImpl(cudaStream_t stream, ffi::AnyBuffer g, ffi::Buffer<ffi::U
   return result;
 }
 
-auto matmul_t_binding() {
-  return ffi::Ffi::Bind()
-      .Ctx<ffi::PlatformStream<cudaStream_t>>()
-      .Arg<ffi::AnyBuffer>()
-      .Arg<ffi::Buffer<ffi::U32>>()
-      .Arg<ffi::AnyBuffer>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Ret<ffi::AnyBuffer>()
-      .Ret<ffi::Buffer<ffi::F32>>()  // workspace (cuda_mma.cuh)
-      .Attr<int32_t>("k")
-      .Attr<int32_t>("scale_format")
-      .Attr<int64_t>("d");
-}
+auto matmul_t_binding() { return matmul_binding().Attr<int64_t>("d"); }
 
 }  // namespace
 }  // namespace cuda
