@@ -38,7 +38,14 @@ from jax_kbit import _ffi, sharding
 from jax_kbit.api import _check_float_dtype, _check_k, _check_scale_format, quantize
 from jax_kbit.primitives import SCALE_FORMAT_IDS, dequantize_p, num_blocks
 from jax_kbit.quantized_array import QuantizedArray
-from jax_kbit.quantized_matrix import TILE_BLOCKS, TILE_ROWS, QuantizedMatrix, can_tile, untile_arrays
+from jax_kbit.quantized_matrix import (
+    TILE_BLOCKS,
+    TILE_ROWS,
+    QuantizedMatrix,
+    can_tile,
+    tileable,
+    untile_arrays,
+)
 from jax_kbit.reference import BLOCK, SCALE_DTYPES
 
 __all__ = ["FUSED_MAX_ROWS", "matmul", "matmul_p", "matmul_t_p", "quantize_matrix"]
@@ -78,7 +85,7 @@ def _abstract(
             f"{scales.dtype}{list(scales.shape)}, codebook {codebook.dtype}{list(codebook.shape)}, "
             f"tensor_scale {tensor_scale.dtype}{list(tensor_scale.shape)}"
         )
-    if tiled and (packed.shape[0] % TILE_ROWS or nb % TILE_BLOCKS):
+    if tiled and not tileable(packed.shape[0], nb):
         raise ValueError(
             f"kbit_matmul: tiled storage needs out % {TILE_ROWS} == 0 and a multiple of {TILE_BLOCKS} blocks, "
             f"got packed {list(packed.shape)}"

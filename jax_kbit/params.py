@@ -25,7 +25,7 @@ from jax_kbit import codebooks as _codebooks
 from jax_kbit.api import dequantize, quantize
 from jax_kbit.matmul import quantize_matrix
 from jax_kbit.quantized_array import QuantizedArray
-from jax_kbit.quantized_matrix import TILE_BLOCKS, TILE_ROWS, QuantizedMatrix
+from jax_kbit.quantized_matrix import QuantizedMatrix
 from jax_kbit.reference import (
     BLOCK,
     FLOAT_DTYPES,
@@ -232,17 +232,10 @@ def _quantize_leaf(
     blocked = _swap_last_two(leaf) if layout == "matrix" and _is_fit(settings.codebook) else leaf
     cb = _resolve_codebook(settings.codebook, settings.k, blocked, settings.scale_format, path)
     if layout == "matrix":
-        # tiled=True only where the shape allows it (the argument's promise is about the default order)
-        tile = None if tiled is None else (tiled and _can_tile_shape(leaf.shape))
+        # True tiles where the shape allows it, as the default does (quantize_matrix's None), never raising
+        tile = None if tiled is None or tiled else False
         return quantize_matrix(leaf, settings.k, codebook=cb, scale_format=settings.scale_format, tiled=tile)
     return quantize(leaf, settings.k, codebook=cb, scale_format=settings.scale_format)
-
-
-def _can_tile_shape(shape: tuple[int, ...]) -> bool:
-    """Whether a weight ``[..., in, out]`` can be stored tiled (``quantized_matrix.can_tile``)."""
-    din, dout = int(shape[-2]), int(shape[-1])
-    nb = -(-din // 32)
-    return dout > 0 and nb > 0 and dout % TILE_ROWS == 0 and nb % TILE_BLOCKS == 0
 
 
 def _swap_last_two(x: Any) -> Any:

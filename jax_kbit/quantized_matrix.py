@@ -16,6 +16,11 @@ TILE_BLOCKS = 4
 """Blocks of 32 along ``in`` per tile column of the tiled storage."""
 
 
+def tileable(n: int, nb: int) -> bool:
+    """Whether ``n`` rows (outputs) of ``nb`` blocks make whole tiles: ``n % 16 == 0``, ``nb % 4 == 0``."""
+    return n > 0 and nb > 0 and n % TILE_ROWS == 0 and nb % TILE_BLOCKS == 0
+
+
 def can_tile(t: QuantizedArray) -> bool:
     """Whether the ``QuantizedArray`` ``t`` of ``W^T`` (``[..., out, in]``) can be stored tiled.
 
@@ -25,8 +30,7 @@ def can_tile(t: QuantizedArray) -> bool:
     shape = getattr(t.packed, "shape", None)
     if shape is None or len(shape) < 3:
         return False
-    n, nb = int(shape[-3]), int(shape[-2])
-    return n > 0 and nb > 0 and n % TILE_ROWS == 0 and nb % TILE_BLOCKS == 0
+    return tileable(int(shape[-3]), int(shape[-2]))
 
 
 def _permute(a: Any, blocks_axis_last: bool, to_tiles: bool) -> Any:
