@@ -51,6 +51,21 @@ def dtype_id(dt) -> str:
 # ---------------------------------------------------------------- devices
 
 
+def _first_gpu():
+    try:
+        return jax.devices("gpu")[0]
+    except RuntimeError:
+        return None
+
+
+GPU = _first_gpu()
+"""The first GPU device, or None where JAX has none."""
+needs_cuda = pytest.mark.skipif(
+    GPU is None or not jax_kbit.cuda_built(), reason="needs a CUDA GPU and the CUDA build"
+)
+"""Skips a test unless a GPU and jax_kbit's CUDA build are both there (mark it ``gpu`` as well)."""
+
+
 @pytest.fixture
 def cpu():
     """Pins every computation of the test to the CPU device (also on a machine with a GPU)."""

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_bitwise_equal
+from conftest import GPU, assert_bitwise_equal, needs_cuda
 
 pytest.importorskip("flax")
 
@@ -33,17 +33,6 @@ pytestmark = [
 ]
 
 
-def _gpu():
-    try:
-        return jax.devices("gpu")[0]
-    except RuntimeError:
-        return None
-
-
-GPU = _gpu()
-needs_gpu = pytest.mark.skipif(
-    GPU is None or not jk.cuda_built(), reason="needs a CUDA GPU and the CUDA build"
-)
 KERNEL_TYPES = {"matrix": jk.QuantizedMatrix, "array": jk.QuantizedArray}
 
 
@@ -318,7 +307,7 @@ def test_kbit_linear_batch_1_multiplies_the_codes_directly(rng):
 
 
 @pytest.mark.gpu
-@needs_gpu
+@needs_cuda
 def test_gpu_kbit_linear_batch_1_materialises_no_weight():
     din, dout = 4096, 4096
     dense_bytes = din * dout * 2  # the bf16 weight, 32 MiB

@@ -7,24 +7,13 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from conftest import GPU, needs_cuda
 
 import jax_kbit as jk
 from jax_kbit import reference as ref
 
-
-def _gpu():
-    try:
-        return jax.devices("gpu")[0]
-    except RuntimeError:
-        return None
-
-
-GPU = _gpu()
 CPU = jax.devices("cpu")[0]
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(GPU is None or not jk.cuda_built(), reason="needs a CUDA GPU and the CUDA build"),
-]
+pytestmark = [pytest.mark.gpu, needs_cuda]
 
 DTYPES = [np.float32, np.float16, ml_dtypes.bfloat16]
 FORMATS = ["e4m4", "f16", "f32"]

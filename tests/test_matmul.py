@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import BF16, KS, SCALE_FORMATS, dtype_id
+from conftest import BF16, GPU, KS, SCALE_FORMATS, dtype_id, needs_cuda
 
 import jax_kbit as jk
 from jax_kbit import reference
@@ -26,19 +26,6 @@ matmul_module = importlib.import_module("jax_kbit.matmul")  # the attribute jax_
 
 CPU = jax.devices("cpu")[0]
 
-
-def _gpu():
-    try:
-        return jax.devices("gpu")[0]
-    except RuntimeError:
-        return None
-
-
-GPU = _gpu()
-needs_gpu = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(GPU is None or not jk.cuda_built(), reason="needs a CUDA GPU and the CUDA build"),
-]
 
 # Relative error bounds: float32 sums; 16-bit outputs are rounded once more (and on the GPU the codebook
 # values enter the tensor cores in x's dtype).
@@ -386,7 +373,7 @@ def test_transposed_bad_input(rng):
 @pytest.mark.parametrize("dtype", [np.float16, BF16, np.float32], ids=dtype_id)
 @pytest.mark.parametrize("k", KS)
 @pytest.mark.gpu
-@pytest.mark.skipif(GPU is None or not jk.cuda_built(), reason="needs a CUDA GPU and the CUDA build")
+@needs_cuda
 def test_gpu_matches_reference(rng, k, dtype, m):
     # (1000, 300): a partial chunk / stage of blocks and a partial tile of 16 rows; (8192, 64): split
     # reduction; (4000, 50): blocks not a multiple of the stage, odd scale offsets.
@@ -397,7 +384,7 @@ def test_gpu_matches_reference(rng, k, dtype, m):
 
 @pytest.mark.parametrize("scale_format", SCALE_FORMATS)
 @pytest.mark.gpu
-@pytest.mark.skipif(GPU is None or not jk.cuda_built(), reason="needs a CUDA GPU and the CUDA build")
+@needs_cuda
 def test_gpu_scale_formats_large_and_deterministic(rng, scale_format):
     for k, din, dout in ((4, 4096, 3000), (3, 1000, 77), (2, 1000, 77), (5, 1000, 77)):
         x, q = make(rng, 5, din, dout, k, BF16, scale_format)
@@ -410,7 +397,7 @@ def test_gpu_scale_formats_large_and_deterministic(rng, scale_format):
 
 @pytest.mark.parametrize("m", (1, 2))
 @pytest.mark.gpu
-@pytest.mark.skipif(GPU is None or not jk.cuda_built(), reason="needs a CUDA GPU and the CUDA build")
+@needs_cuda
 def test_gpu_decode_kernel_wide_output_one_split(rng, m):
     # 1600 tiles of 16 outputs: at least half the resident warps of a 132-SM GPU, so the batch-1 kernel takes
     # one split of all 64 blocks (choose_split would have taken three); still the reference's products.
@@ -424,7 +411,7 @@ def test_gpu_decode_kernel_wide_output_one_split(rng, m):
 
 @pytest.mark.parametrize("m", (1, 2))
 @pytest.mark.gpu
-@pytest.mark.skipif(GPU is None or not jk.cuda_built(), reason="needs a CUDA GPU and the CUDA build")
+@needs_cuda
 def test_gpu_decode_kernel_long_x(rng, m):
     # The batch-1 kernel keeps a copy of x in shared memory beside its 64 KB of tables: below them while it
     # fits the gap their 64 KB alignment leaves (16000 inputs, one row), above them otherwise (16000 x two
@@ -441,7 +428,7 @@ def test_gpu_decode_kernel_long_x(rng, m):
 @pytest.mark.parametrize("scale_format", SCALE_FORMATS)
 @pytest.mark.parametrize("m", (1, 2))
 @pytest.mark.gpu
-@pytest.mark.skipif(GPU is None or not jk.cuda_built(), reason="needs a CUDA GPU and the CUDA build")
+@needs_cuda
 def test_gpu_decode_kernel(rng, m, scale_format):
     # One or two rows at K <= 4 take the block-diagonal kernel (ffi/cuda_gemv.cu): four blocks per step, so
     # sizes around multiples of 4 blocks (a lone partial step, one step plus a tail), a partial tile of 16
@@ -528,7 +515,7 @@ print("ok")
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(GPU is None or not jk.cuda_built(), reason="needs a CUDA GPU and the CUDA build")
+@needs_cuda
 def test_gpu_matmul_in_cuda_graphs(rng):
     env = dict(os.environ)
     env["XLA_FLAGS"] = (
@@ -549,7 +536,7 @@ def test_gpu_matmul_in_cuda_graphs(rng):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(GPU is None or not jk.cuda_built(), reason="needs a CUDA GPU and the CUDA build")
+@needs_cuda
 def test_gpu_transforms_and_grad(rng):
     with jax.default_device(GPU):
         x, q = make(rng, 4, 512, 256, 4, BF16, lead=(3,))
@@ -580,7 +567,7 @@ def fused_transposed(monkeypatch):
 @pytest.mark.parametrize("dtype", [np.float16, BF16, np.float32], ids=dtype_id)
 @pytest.mark.parametrize("k", KS)
 @pytest.mark.gpu
-@pytest.mark.skipif(GPU is None or not jk.cuda_built(), reason="needs a CUDA GPU and the CUDA build")
+@needs_cuda
 def test_gpu_transposed_matches_reference(rng, k, dtype, m, cuda_transposed):
     # (1000, 300): partial steps of 16 rows; (64, 8192): a split reduction; (100, 33): zero padding past d.
     for din, dout in ((96, 40), (100, 33), (1000, 300), (64, 8192)):
@@ -589,7 +576,7 @@ def test_gpu_transposed_matches_reference(rng, k, dtype, m, cuda_transposed):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(GPU is None or not jk.cuda_built(), reason="needs a CUDA GPU and the CUDA build")
+@needs_cuda
 def test_gpu_transposed_padding_nonfinite_and_deterministic(rng, fused_transposed):
     from jax_kbit.matmul import matmul_t_p
 
@@ -615,7 +602,7 @@ def test_gpu_transposed_padding_nonfinite_and_deterministic(rng, fused_transpose
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(GPU is None or not jk.cuda_built(), reason="needs a CUDA GPU and the CUDA build")
+@needs_cuda
 @pytest.mark.parametrize("fused", [True, False])
 def test_gpu_grad_runs_the_transposed_kernel(rng, monkeypatch, fused):
     monkeypatch.setattr(matmul_module, "cuda_fused_transposed", fused)

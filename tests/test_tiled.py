@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import BF16, KS, SCALE_FORMATS, dtype_id
+from conftest import BF16, GPU, KS, SCALE_FORMATS, dtype_id, needs_cuda
 
 import jax_kbit as jk
 from jax_kbit import checkpoint
@@ -29,18 +29,6 @@ matmul_module = importlib.import_module("jax_kbit.matmul")
 
 CPU = jax.devices("cpu")[0]
 
-
-def _gpu():
-    try:
-        return jax.devices("gpu")[0]
-    except RuntimeError:
-        return None
-
-
-GPU = _gpu()
-needs_gpu = pytest.mark.skipif(
-    GPU is None or not jk.cuda_built(), reason="needs a CUDA GPU and the CUDA build"
-)
 
 # (in, out): several tile columns and rows; one tile column (the order is the identity there); a partial
 # last block along in (100 -> 4 blocks); many tiles of a decode-sized layer.
@@ -331,7 +319,7 @@ def test_orbax_restores_into_the_targets_order(rng, tmp_path):
 @pytest.mark.parametrize("k", KS)
 @pytest.mark.parametrize("dtype", [np.float16, BF16], ids=dtype_id)
 @pytest.mark.gpu
-@needs_gpu
+@needs_cuda
 def test_gpu_products_match_plain(rng, k, dtype):
     # (8192, 64): split reductions added up in the CTA; (16384, 32): through the workspace; (2048, 25600):
     # one split, more than half the resident warps; (1024, 2208): two splits, tiles grouped per CTA.
@@ -347,7 +335,7 @@ def test_gpu_products_match_plain(rng, k, dtype):
 
 @pytest.mark.parametrize("scale_format", SCALE_FORMATS)
 @pytest.mark.gpu
-@needs_gpu
+@needs_cuda
 def test_gpu_scale_formats_transposed_and_nonfinite(rng, scale_format, monkeypatch):
     monkeypatch.setattr(matmul_module, "cuda_fused_transposed", True)
     w = rng.standard_normal((512, 48)).astype(np.float32)
