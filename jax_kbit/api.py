@@ -164,7 +164,7 @@ def dequantize(q: QuantizedArray | QuantizedMatrix, dtype: Any = None) -> jax.Ar
       dtype: float16, bfloat16 or float32; default: the dtype ``q`` was quantized from.
     """
     if isinstance(q, QuantizedMatrix):
-        return jnp.swapaxes(dequantize(q.t, dtype), -1, -2)
+        return q.dequantize(dtype)
     if not isinstance(q, QuantizedArray):
         raise TypeError(f"q must be a QuantizedArray or QuantizedMatrix, got {type(q).__name__}")
     out_dtype = q.dtype if dtype is None else _check_float_dtype(dtype, "dtype")

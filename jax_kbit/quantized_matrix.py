@@ -61,7 +61,8 @@ def _with_arrays(t: QuantizedArray, packed: Any, scales: Any) -> QuantizedArray:
 
 
 def untile_arrays(packed: Any, scales: Any) -> tuple[Any, Any]:
-    """Tile-ordered ``packed [..., n, nb, k]`` and ``scales [..., n, nb]`` back in row order."""
+    """Tile-ordered ``packed [..., n, nb, k]`` and ``scales [..., n, nb]`` (or scales-shaped tangents) back in
+    row order; either may be ``None``, which comes back as ``None``."""
     return _permute(packed, True, False), _permute(scales, False, False)
 
 
