@@ -1,5 +1,6 @@
 """A small run of every CUDA kernel variant, for compute-sanitizer (memcheck, racecheck); see gpu_check.sh."""
 
+import functools
 import importlib
 
 import jax
@@ -21,6 +22,16 @@ for k in (2, 3, 4, 5):
 for k in (2, 3, 4, 5):  # a grid of many CTAs for the vector dequantize kernel
     xb = jax.device_put(rng.standard_normal((257, 4096)).astype(np.float32), gpu).astype(jnp.bfloat16)
     jax.block_until_ready(jk.dequantize(jk.quantize(xb, k)))
+# dequantize from tile order (a tiled QuantizedMatrix): the vector kernel (in % 32 == 0, several CTAs), the
+# per-element kernel (in = 100), and a stack with a codebook per matrix (groups)
+for k in (2, 3, 4, 5):
+    for dtype in (jnp.float32, jnp.bfloat16):
+        for lead, din, dout in (((), 4096, 512), ((), 100, 48), ((3,), 256, 32)):
+            w = jax.device_put(rng.standard_normal(lead + (din, dout)).astype(np.float32), gpu)
+            qm = functools.partial(jk.quantize_matrix, k=k, tiled=True)
+            for _ in lead:
+                qm = jax.vmap(qm)
+            jax.block_until_ready(qm(w).dequantize(dtype))
 # quantize's exact tile path: a non-finite block, and a codebook the bucket table declines
 for k in (2, 3, 4, 5):
     for shape in ((5, 96), (3, 45)):

@@ -99,7 +99,8 @@ KBIT_ALWAYS_INLINE void quantize_blocks_impl(const Layout& L, const typename In:
   }
 }
 
-template <typename Out, int K>
+// Tiled: the words and scales are in tile order (kbit_format.h, stored_block); the output is in row order.
+template <typename Out, int K, bool Tiled>
 KBIT_ALWAYS_INLINE void dequantize_blocks_impl(const Layout& L, const uint32_t* packed, const void* scales,
                                                const float* codebooks, const float* tensor_scales,
                                                typename Out::Storage* out, int64_t begin, int64_t end) {
@@ -110,9 +111,10 @@ KBIT_ALWAYS_INLINE void dequantize_blocks_impl(const Layout& L, const uint32_t* 
     const int64_t b = blk - row * L.nb;
     const int64_t group = row / L.rows_per_group;
     const float* cb = codebooks + group * n;
-    const float s = decode_scale(L.format, read_scale(scales, blk, L.format), tensor_scales[group]);
+    const int64_t src = block_index(row, b, L.nb, Tiled);
+    const float s = decode_scale(L.format, read_scale(scales, src, L.format), tensor_scales[group]);
     uint32_t words[K];
-    for (int j = 0; j < K; ++j) words[j] = packed[blk * K + j];
+    for (int j = 0; j < K; ++j) words[j] = packed[src * K + j];
     // Two passes over the block: the code rebuild and lookup vectorise on their own, and so does the cast.
     for (int i = 0; i < kBlock; ++i) {
       uint32_t code = 0;
@@ -164,26 +166,26 @@ void quantize_blocks(const Layout& L, const typename In::Storage* x, const CodeS
   quantize_blocks_impl<In, K>(L, x, cb, ts, packed, scales, begin, end);
 }
 
-template <typename Out, int K>
+template <typename Out, int K, bool Tiled>
 KBIT_AVX2 void dequantize_blocks_avx2(const Layout& L, const uint32_t* packed, const void* scales,
                                       const float* cb, const float* ts, typename Out::Storage* out,
                                       int64_t begin, int64_t end) {
-  dequantize_blocks_impl<Out, K>(L, packed, scales, cb, ts, out, begin, end);
+  dequantize_blocks_impl<Out, K, Tiled>(L, packed, scales, cb, ts, out, begin, end);
 }
 
-template <typename Out, int K>
+template <typename Out, int K, bool Tiled>
 KBIT_AVX512 void dequantize_blocks_avx512(const Layout& L, const uint32_t* packed, const void* scales,
                                           const float* cb, const float* ts, typename Out::Storage* out,
                                           int64_t begin, int64_t end) {
-  dequantize_blocks_impl<Out, K>(L, packed, scales, cb, ts, out, begin, end);
+  dequantize_blocks_impl<Out, K, Tiled>(L, packed, scales, cb, ts, out, begin, end);
 }
 
-template <typename Out, int K>
+template <typename Out, int K, bool Tiled>
 void dequantize_blocks(const Layout& L, const uint32_t* packed, const void* scales, const float* cb,
                        const float* ts, typename Out::Storage* out, int64_t begin, int64_t end) {
-  if (kHasAvx512) return dequantize_blocks_avx512<Out, K>(L, packed, scales, cb, ts, out, begin, end);
-  if (kHasAvx2) return dequantize_blocks_avx2<Out, K>(L, packed, scales, cb, ts, out, begin, end);
-  dequantize_blocks_impl<Out, K>(L, packed, scales, cb, ts, out, begin, end);
+  if (kHasAvx512) return dequantize_blocks_avx512<Out, K, Tiled>(L, packed, scales, cb, ts, out, begin, end);
+  if (kHasAvx2) return dequantize_blocks_avx2<Out, K, Tiled>(L, packed, scales, cb, ts, out, begin, end);
+  dequantize_blocks_impl<Out, K, Tiled>(L, packed, scales, cb, ts, out, begin, end);
 }
 
 // Blocks per task: large enough that scheduling is noise, small enough to
@@ -222,6 +224,7 @@ ffi::Error QuantizeImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi:
   return ffi::Error::Success();
 }
 
+template <bool Tiled>
 ffi::Error DequantizeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> packed, ffi::AnyBuffer scales,
                           ffi::Buffer<ffi::F32> codebook, ffi::Buffer<ffi::F32> tensor_scale,
                           ffi::Result<ffi::AnyBuffer> out, int32_t k, int32_t scale_format) {
@@ -230,6 +233,7 @@ ffi::Error DequantizeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> packed, ff
       e.failure()) {
     return e;
   }
+  if (ffi::Error e = check_tiled_rows(L, Tiled, packed.dimensions()); e.failure()) return e;
   const int64_t total = L.rows * L.nb;
   if (total == 0) return ffi::Error::Success();
   const uint32_t* p = packed.typed_data();
@@ -241,8 +245,9 @@ ffi::Error DequantizeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> packed, ff
     auto* o = static_cast<typename Out::Storage*>(out->untyped_data());
     with_k(L.k, [&](auto kc) {
       constexpr int K = decltype(kc)::value;
-      parallel_for(pool, total, kGrain,
-                   [&](int64_t b, int64_t e) { dequantize_blocks<Out, K>(L, p, sc, cb, ts, o, b, e); });
+      parallel_for(pool, total, kGrain, [&](int64_t b, int64_t e) {
+        dequantize_blocks<Out, K, Tiled>(L, p, sc, cb, ts, o, b, e);
+      });
     });
   };
   switch (out->element_type()) {
@@ -251,6 +256,19 @@ ffi::Error DequantizeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> packed, ff
     default: run(BF16{}); break;
   }
   return ffi::Error::Success();
+}
+
+// Shared by the row-order and the tiled dequantize handler.
+auto dequantize_binding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::U32>>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::AnyBuffer>()
+      .Attr<int32_t>("k")
+      .Attr<int32_t>("scale_format");
 }
 
 }  // namespace
@@ -267,13 +285,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitQuantizeCpu, kbit::QuantizeImpl,
                                   .Attr<int32_t>("k")
                                   .Attr<int32_t>("scale_format"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitDequantizeCpu, kbit::DequantizeImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::U32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int32_t>("k")
-                                  .Attr<int32_t>("scale_format"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitDequantizeCpu, kbit::DequantizeImpl<false>, kbit::dequantize_binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitDequantizeTiledCpu, kbit::DequantizeImpl<true>, kbit::dequantize_binding());

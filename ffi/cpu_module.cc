@@ -11,6 +11,7 @@ NB_MODULE(_kbit_cpu, m) {
     nb::dict d;
     d["kbit_quantize"] = nb::capsule(reinterpret_cast<void*>(KbitQuantizeCpu));
     d["kbit_dequantize"] = nb::capsule(reinterpret_cast<void*>(KbitDequantizeCpu));
+    d["kbit_dequantize_tiled"] = nb::capsule(reinterpret_cast<void*>(KbitDequantizeTiledCpu));
     d["kbit_matmul"] = nb::capsule(reinterpret_cast<void*>(KbitMatmulCpu));
     d["kbit_matmul_t"] = nb::capsule(reinterpret_cast<void*>(KbitMatmulTCpu));
     d["kbit_matmul_tiled"] = nb::capsule(reinterpret_cast<void*>(KbitMatmulTiledCpu));

@@ -1,7 +1,8 @@
 // CUDA dequantize handler for format v1. Values are looked up from the codebook held one entry per lane
 // with __shfl_sync. Rows of whole blocks take the vector kernel (32 blocks per warp step; each lane rebuilds
 // 4 or 8 codes at once from adjacent bits of every plane and writes them with one 16-byte store); other
-// rows take one element per lane.
+// rows take one element per lane. Tiled (the `_tiled` target): the words and scales are in tile order
+// (kbit_format.h, stored_block), read from there; the output is in row order either way.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -22,7 +23,7 @@ constexpr uintptr_t kVectorAlign = 16;
 constexpr int kVecMinBlocks = 6;
 
 // Any row length: one element per lane.
-template <typename Out, int K>
+template <typename Out, int K, bool Tiled>
 __global__ void __launch_bounds__(kThreads)
     dequantize_kernel(ScaleFormat fmt, const uint32_t* __restrict__ packed, const void* __restrict__ scales,
                       const float* __restrict__ codebooks, const float* __restrict__ tensor_scales,
@@ -36,13 +37,14 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t end = (g + 1) * blocks_per_group;
     for (int64_t blk = g * blocks_per_group + static_cast<int64_t>(blockIdx.x) * kWarps + warp; blk < end;
          blk += static_cast<int64_t>(gridDim.x) * kWarps) {
-      const float s = decode_scale(fmt, read_scale(fmt, scales, blk), t);
-      const uint32_t word = lane < K ? packed[blk * K + lane] : 0u;
+      const int64_t row = blk / nb;
+      const int64_t src = block_index(row, blk - row * nb, nb, Tiled);
+      const float s = decode_scale(fmt, read_scale(fmt, scales, src), t);
+      const uint32_t word = lane < K ? packed[src * K + lane] : 0u;
       uint32_t code = 0;
 #pragma unroll
       for (int j = 0; j < K; ++j) code |= ((__shfl_sync(kFull, word, j) >> lane) & 1u) << j;
       const float value = __shfl_sync(kFull, entry, static_cast<int>(code)) * s;
-      const int64_t row = blk / nb;
       const int64_t col = (blk - row * nb) * kBlock + lane;
       if (col < d) out[row * d + col] = Out::store(value);
     }
@@ -77,8 +79,8 @@ __device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
 // evict-first): the output is written once and, at the sizes where bandwidth matters, far larger than L2.
 __device__ __forceinline__ void store16_if(bool write, void* p, const uint32_t (&w)[4]) {
   asm volatile(
-      "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %5, 0;\n\t@p st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};\n\t}" ::"l"(
-          p),
+      "{\n\t.reg .pred p;\n\tsetp.ne.b32 p, %5, 0;\n\t@p st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};\n\t}" ::
+          "l"(p),
       "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3]), "r"(static_cast<int>(write))
       : "memory");
 }
@@ -105,12 +107,14 @@ __device__ __forceinline__ uint32_t nibble_codes(const uint32_t (&w)[K], int pos
 // contiguous bytes. The launch gives every tile its own warp (full_grid_for), so loads in flight come from
 // the resident warps; the next tile's loads are issued before the current tile is decoded only where the
 // grid is capped (beyond 2^31 - 1 CTAs or 65535 groups). Dropping that prefetch measured no faster.
-template <typename Out, int K>
+// Tiled: lane l's block is stored where stored_block puts it; the 4 blocks of a row in one tile are still
+// adjacent, so the loads come in whole 32-byte sectors at K >= 2 (16 bytes of scales at f32).
+template <typename Out, int K, bool Tiled>
 __global__ void __launch_bounds__(kThreads, K == 5 ? kVecMinBlocks - 1 : kVecMinBlocks)
     dequantize_vec_kernel(ScaleFormat fmt, const uint32_t* __restrict__ packed,
                           const void* __restrict__ scales, const float* __restrict__ codebooks,
                           const float* __restrict__ tensor_scales, typename Out::Storage* __restrict__ out,
-                          int64_t blocks_per_group, int64_t groups) {
+                          int64_t nb, int64_t blocks_per_group, int64_t groups) {
   using Storage = typename Out::Storage;
   constexpr int E = 16 / sizeof(Storage);  // elements per lane per store
   constexpr int kLanesPerBlock = kBlock / E;
@@ -130,8 +134,9 @@ __global__ void __launch_bounds__(kThreads, K == 5 ? kVecMinBlocks - 1 : kVecMin
     auto load = [&](int64_t tile, uint32_t (&w)[K], uint32_t& st) {
       const int64_t b = tile * kBlock + lane;
       if (tile < tiles && b < blocks_per_group) {
-        load_words<K>(packed + (first + b) * K, w);
-        st = read_scale(fmt, scales, first + b);
+        const int64_t src = stored_block(first + b, nb, Tiled);
+        load_words<K>(packed + src * K, w);
+        st = read_scale(fmt, scales, src);
       } else {
 #pragma unroll
         for (int j = 0; j < K; ++j) w[j] = 0;
@@ -186,7 +191,7 @@ __global__ void __launch_bounds__(kThreads, K == 5 ? kVecMinBlocks - 1 : kVecMin
   }
 }
 
-template <typename Out, int K>
+template <typename Out, int K, bool Tiled>
 void launch_dequantize(cudaStream_t stream, const Layout& L, const uint32_t* packed, const void* scales,
                        const float* cb, const float* ts, void* out) {
   using Storage = typename Out::Storage;
@@ -195,15 +200,16 @@ void launch_dequantize(cudaStream_t stream, const Layout& L, const uint32_t* pac
   if (L.d % kBlock == 0 && reinterpret_cast<uintptr_t>(out) % kVectorAlign == 0 &&
       reinterpret_cast<uintptr_t>(packed) % kWordsAlign<K> == 0) {
     const dim3 grid = full_grid_for((bpg + kBlock - 1) / kBlock, L.groups);
-    dequantize_vec_kernel<Out, K>
-        <<<grid, kThreads, 0, stream>>>(L.format, packed, scales, cb, ts, o, bpg, L.groups);
+    dequantize_vec_kernel<Out, K, Tiled>
+        <<<grid, kThreads, 0, stream>>>(L.format, packed, scales, cb, ts, o, L.nb, bpg, L.groups);
   } else {
     const dim3 grid = grid_for(bpg, L.groups);
-    dequantize_kernel<Out, K>
+    dequantize_kernel<Out, K, Tiled>
         <<<grid, kThreads, 0, stream>>>(L.format, packed, scales, cb, ts, o, L.d, L.nb, bpg, L.groups);
   }
 }
 
+template <bool Tiled>
 ffi::Error DequantizeImpl(cudaStream_t stream, ffi::Buffer<ffi::U32> packed, ffi::AnyBuffer scales,
                           ffi::Buffer<ffi::F32> codebook, ffi::Buffer<ffi::F32> tensor_scale,
                           ffi::Result<ffi::AnyBuffer> out, int32_t k, int32_t scale_format) {
@@ -212,6 +218,7 @@ ffi::Error DequantizeImpl(cudaStream_t stream, ffi::Buffer<ffi::U32> packed, ffi
       e.failure()) {
     return e;
   }
+  if (ffi::Error e = check_tiled_rows(L, Tiled, packed.dimensions()); e.failure()) return e;
   if (L.rows * L.nb == 0) return ffi::Error::Success();
   const uint32_t* p = packed.typed_data();
   const void* sc = scales.untyped_data();
@@ -221,26 +228,32 @@ ffi::Error DequantizeImpl(cudaStream_t stream, ffi::Buffer<ffi::U32> packed, ffi
   with_k(L.k, [&](auto kc) {
     constexpr int K = decltype(kc)::value;
     switch (out->element_type()) {
-      case ffi::DataType::F32: launch_dequantize<kbit::F32, K>(stream, L, p, sc, cb, ts, o); break;
-      case ffi::DataType::F16: launch_dequantize<kbit::F16, K>(stream, L, p, sc, cb, ts, o); break;
-      default: launch_dequantize<kbit::BF16, K>(stream, L, p, sc, cb, ts, o); break;
+      case ffi::DataType::F32: launch_dequantize<kbit::F32, K, Tiled>(stream, L, p, sc, cb, ts, o); break;
+      case ffi::DataType::F16: launch_dequantize<kbit::F16, K, Tiled>(stream, L, p, sc, cb, ts, o); break;
+      default: launch_dequantize<kbit::BF16, K, Tiled>(stream, L, p, sc, cb, ts, o); break;
     }
   });
   return launch_error("dequantize");
+}
+
+// Shared by the row-order and the tiled handler.
+auto dequantize_binding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::PlatformStream<cudaStream_t>>()
+      .Arg<ffi::Buffer<ffi::U32>>()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::AnyBuffer>()
+      .Attr<int32_t>("k")
+      .Attr<int32_t>("scale_format");
 }
 
 }  // namespace
 }  // namespace cuda
 }  // namespace kbit
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitDequantizeCuda, kbit::cuda::DequantizeImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::Buffer<ffi::U32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int32_t>("k")
-                                  .Attr<int32_t>("scale_format"),
-                              {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitDequantizeCuda, kbit::cuda::DequantizeImpl<false>,
+                              kbit::cuda::dequantize_binding(), {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitDequantizeTiledCuda, kbit::cuda::DequantizeImpl<true>,
+                              kbit::cuda::dequantize_binding(), {ffi::Traits::kCmdBufferCompatible});

@@ -19,6 +19,7 @@ NB_MODULE(_kbit_cuda, m) {
     nb::dict d;
     d["kbit_quantize"] = nb::capsule(reinterpret_cast<void*>(KbitQuantizeCuda));
     d["kbit_dequantize"] = nb::capsule(reinterpret_cast<void*>(KbitDequantizeCuda));
+    d["kbit_dequantize_tiled"] = nb::capsule(reinterpret_cast<void*>(KbitDequantizeTiledCuda));
     d["kbit_matmul"] = nb::capsule(reinterpret_cast<void*>(KbitMatmulCuda));
     d["kbit_matmul_t"] = nb::capsule(reinterpret_cast<void*>(KbitMatmulTCuda));
     d["kbit_matmul_tiled"] = nb::capsule(reinterpret_cast<void*>(KbitMatmulTiledCuda));

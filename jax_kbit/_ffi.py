@@ -15,6 +15,7 @@ except ImportError as err:  # the source tree has no compiled module
 TARGETS = (
     "kbit_quantize",
     "kbit_dequantize",
+    "kbit_dequantize_tiled",
     "kbit_matmul",
     "kbit_matmul_t",
     "kbit_matmul_tiled",

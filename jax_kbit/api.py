@@ -167,6 +167,12 @@ def dequantize(q: QuantizedArray | QuantizedMatrix, dtype: Any = None) -> jax.Ar
         return q.dequantize(dtype)
     if not isinstance(q, QuantizedArray):
         raise TypeError(f"q must be a QuantizedArray or QuantizedMatrix, got {type(q).__name__}")
+    return dequantize_stored(q, dtype)
+
+
+def dequantize_stored(q: QuantizedArray, dtype: Any = None, *, tiled: bool = False) -> jax.Array:
+    """``dequantize`` of checked leaves; ``tiled``: ``q``'s words and scales are in the tile order of a
+    ``QuantizedMatrix`` (``q`` is its ``stored``), and the result is in row order all the same."""
     out_dtype = q.dtype if dtype is None else _check_float_dtype(dtype, "dtype")
     k = _check_k(q.k)
     scale_format = _check_scale_format(q.scale_format)
@@ -208,4 +214,5 @@ def dequantize(q: QuantizedArray | QuantizedMatrix, dtype: Any = None) -> jax.Ar
         scale_format=scale_format,
         d=q.d,
         dtype=out_dtype,
+        tiled=tiled,
     )

@@ -39,6 +39,7 @@ from jax.interpreters import ad
 
 from jax_kbit import e4m4
 from jax_kbit.primitives import dequantize_p, quantize_p
+from jax_kbit.quantized_matrix import untile_arrays
 from jax_kbit.reference import BLOCK, SCALE_MAX
 
 _E4M4_TABLE = np.asarray(e4m4.decode(np.arange(256, dtype=np.uint8)), dtype=np.float32)
@@ -80,15 +81,19 @@ def _gather_codebook(codebook, codes):
     return jnp.take_along_axis(codebook, flat, axis=-1).reshape(codes.shape)
 
 
-def _dequantize_jvp(primals, tangents, *, k: int, scale_format: str, d: int, dtype):
+def _dequantize_jvp(primals, tangents, *, k: int, scale_format: str, d: int, dtype, tiled: bool = False):
     packed, scales, codebook, tensor_scale = primals
     _, d_scales, d_codebook, d_tensor_scale = tangents
     out = dequantize_p.bind(
-        packed, scales, codebook, tensor_scale, k=k, scale_format=scale_format, d=d, dtype=dtype
+        packed, scales, codebook, tensor_scale, k=k, scale_format=scale_format, d=d, dtype=dtype, tiled=tiled
     )
     scale_tangent = not _is_zero(d_scales) and scale_format != "e4m4"
     if _is_zero(d_codebook) and _is_zero(d_tensor_scale) and not scale_tangent:
         return out, jnp.zeros_like(out)  # unreachable in practice: integer tangents are symbolic
+    if tiled:  # the tangent is built in row order: the words, scales and scale tangents leave tile order
+        packed, scales = untile_arrays(packed, scales)
+        if not _is_zero(d_scales):
+            d_scales = untile_arrays(None, d_scales)[1]
 
     codes = unpack_codes(packed, k)  # [..., nb, 32]
     dec = decode_block_scales(scales, scale_format)  # [..., nb]

@@ -44,7 +44,6 @@ from jax_kbit.quantized_matrix import (
     QuantizedMatrix,
     can_tile,
     tileable,
-    untile_arrays,
 )
 from jax_kbit.reference import BLOCK, SCALE_DTYPES
 
@@ -134,12 +133,9 @@ def _accumulation(dtype, gpu: bool):
 
 
 def _dequantized_wt(packed, scales, codebook, tensor_scale, *, k, scale_format, d, tiled, dtype):
-    """``dequantize(W^T)`` ``[out, d]``; tile-ordered words and scales go back to row order first (a
-    permutation of the words, a quarter of the bytes or less of the dense result)."""
-    if tiled:
-        packed, scales = untile_arrays(packed, scales)
+    """``dequantize(W^T)`` ``[out, d]`` in row order, read from either storage order."""
     return dequantize_p.bind(
-        packed, scales, codebook, tensor_scale, k=k, scale_format=scale_format, d=d, dtype=dtype
+        packed, scales, codebook, tensor_scale, k=k, scale_format=scale_format, d=d, dtype=dtype, tiled=tiled
     )
 
 
@@ -299,17 +295,14 @@ def _jvp_rule(prim, transposed: bool):
         if not _is_zero(dx):
             terms.append(prim.bind(dx, packed, scales, codebook, tensor_scale, **params))
         if not (_is_zero(d_scales) and _is_zero(d_codebook) and _is_zero(d_tensor_scale)):
-            if tiled:  # dW^T in row order: the words, the scales and the scales' tangents leave tile order
-                packed, scales = untile_arrays(packed, scales)
-                if not _is_zero(d_scales):
-                    d_scales = untile_arrays(None, d_scales)[1]
-            _, d_wt = _dequantize_jvp(
+            _, d_wt = _dequantize_jvp(  # dW^T, in row order from either storage order
                 (packed, scales, codebook, tensor_scale),
                 (d_packed, d_scales, d_codebook, d_tensor_scale),
                 k=k,
                 scale_format=scale_format,
                 d=d,
                 dtype=np.dtype(np.float32),
+                tiled=tiled,
             )
             if transposed:  # g @ dW^T, padded like y
                 part = lax.dot_general(

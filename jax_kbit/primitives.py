@@ -4,6 +4,10 @@ Operands are plain arrays; the codebook has shape ``[*G, 2**k]`` and the tensor 
 group dims ``G`` are the leading dims of the data. Users always see ``G = ()``; groups appear when ``vmap``
 batches the codebook or the tensor scale, and let the batching rule fold every vmapped axis into one call
 instead of a loop.
+
+``dequantize``'s ``tiled=True`` reads words and scales stored in the tile order of a ``QuantizedMatrix``
+(``packed [..., n, nb, k]`` with ``n % 16 == 0``, ``nb % 4 == 0``; docs/FORMAT.md section 14) and writes the
+result in row order, under the FFI target ``kbit_dequantize_tiled``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from jax._src import dispatch
 from jax.interpreters import batching, mlir
 
 from jax_kbit import _ffi, sharding
+from jax_kbit.quantized_matrix import TILE_BLOCKS, TILE_ROWS, tileable
 from jax_kbit.reference import BLOCK, SCALE_DTYPES
 
 SCALE_FORMAT_IDS = {"e4m4": 0, "f16": 1, "f32": 2}
@@ -62,7 +67,9 @@ def _quantize_abstract(x, codebook, tensor_scale, *, k: int, scale_format: str):
     )
 
 
-def _dequantize_abstract(packed, scales, codebook, tensor_scale, *, k: int, scale_format: str, d: int, dtype):
+def _dequantize_abstract(
+    packed, scales, codebook, tensor_scale, *, k: int, scale_format: str, d: int, dtype, tiled: bool = False
+):
     lead = packed.shape[:-2]
     if (
         packed.ndim < 2
@@ -76,6 +83,11 @@ def _dequantize_abstract(packed, scales, codebook, tensor_scale, *, k: int, scal
             f"match k={k}, d={d}, scale_format={scale_format!r}"
         )
     _check_groups(lead, codebook, tensor_scale, k)
+    if tiled and (packed.ndim < 3 or not tileable(packed.shape[-3], packed.shape[-2])):
+        raise ValueError(
+            f"tile-ordered packed must be [..., n, nb, {k}] with n % {TILE_ROWS} == 0 and nb % {TILE_BLOCKS} == 0, "
+            f"got {list(packed.shape)}"
+        )
     return jax.core.ShapedArray(lead + (d,), dtype)
 
 
@@ -84,12 +96,13 @@ dequantize_p.def_abstract_eval(_dequantize_abstract)
 
 
 def _lowering(target: str):
-    rule = jax.ffi.ffi_lowering(target)
+    rules = {tiled: jax.ffi.ffi_lowering(target + ("_tiled" if tiled else "")) for tiled in (False, True)}
 
-    def lower(ctx, *args, k: int, scale_format: str, **_unused):
+    def lower(ctx, *args, k: int, scale_format: str, **params):
         if sharding.wants_partitioning(ctx):  # several devices: shard-local calls (docs/SHARDING.md)
             prim = quantize_p if target == "kbit_quantize" else dequantize_p
-            return sharding.lower(prim, ctx, *args, k=k, scale_format=scale_format, **_unused)
+            return sharding.lower(prim, ctx, *args, k=k, scale_format=scale_format, **params)
+        rule = rules[bool(params.get("tiled", False))]  # only dequantize has the option
         return rule(ctx, *args, k=np.int32(k), scale_format=np.int32(SCALE_FORMAT_IDS[scale_format]))
 
     return lower

@@ -168,10 +168,11 @@ class QuantizedMatrix:
         return QuantizedMatrix(self.t, tiled=bool(tiled))
 
     def dequantize(self, dtype: Any = None) -> jax.Array:
-        """``W`` as a dense ``[..., in, out]`` array (a transpose of ``dequantize(self.t)``)."""
-        from jax_kbit.api import dequantize
+        """``W`` as a dense ``[..., in, out]`` array (a transpose of ``dequantize(self.t)``, read from the
+        stored order: no permutation of the words)."""
+        from jax_kbit.api import dequantize_stored
 
-        return jnp.swapaxes(dequantize(self.t, dtype), -1, -2)
+        return jnp.swapaxes(dequantize_stored(self.stored, dtype, tiled=self.tiled), -1, -2)
 
     def __repr__(self) -> str:
         try:

@@ -164,17 +164,17 @@ def _result_entries(result: Any, mesh: Mesh, ndim: int, keep: int) -> list[Entry
 # ---------------------------------------------------------------- sharding rules
 
 
-def _rule(lead_rank: int, g: int, d: int, nb: int, *, quantize: bool) -> SdyShardingRule:
+def _rule(lead_rank: int, g: int, d: int, nb: int, *, quantize: bool, tiled: bool = False) -> SdyShardingRule:
     """The Shardy sharding rule for one call.
 
     Factors: ``l0..`` the leading dims (shared by data, packed and scales; the first ``g`` also by the
     codebook and tensor scale), ``nb`` the blocks, ``kb`` the packed words, ``cb`` the codebook entries.
     With ``d`` a whole number of blocks the data's last axis is the compound factor (``nb``, ``blk``) with
-    ``blk`` = 32, so sharding it at block granularity is sharding ``nb``; otherwise it is its own factor
-    ``dd``, which must stay replicated.
+    ``blk`` = 32, so sharding it at block granularity is sharding ``nb``; otherwise (and for tile-ordered
+    words, whose row is not one run of blocks) it is its own factor ``dd``, which must stay replicated.
     """
     lead = tuple(f"l{i}" for i in range(lead_rank))
-    whole_blocks = d % BLOCK == 0 and nb > 1
+    whole_blocks = d % BLOCK == 0 and nb > 1 and not tiled
     last = CompoundFactor("nb", "blk") if whole_blocks else "dd"
     need_replication = ("blk",) if whole_blocks else ("dd", "nb")
     data = ArrayMapping(*lead, last)
@@ -231,13 +231,23 @@ def _quantize_call(prim, lead: tuple[int, ...], d: int, g: int, k: int, scale_fo
 
 
 @functools.lru_cache(maxsize=512)
-def _dequantize_call(prim, lead: tuple[int, ...], d: int, g: int, k: int, scale_format: str, dtype):
+def _dequantize_call(
+    prim, lead: tuple[int, ...], d: int, g: int, k: int, scale_format: str, dtype, tiled: bool = False
+):
     nb = -(-d // BLOCK)
 
     def make_per_shard(local_d: int):
         def per_shard(packed, scales, codebook, tensor_scale):
             return prim.bind(
-                packed, scales, codebook, tensor_scale, k=k, scale_format=scale_format, d=local_d, dtype=dtype
+                packed,
+                scales,
+                codebook,
+                tensor_scale,
+                k=k,
+                scale_format=scale_format,
+                d=local_d,
+                dtype=dtype,
+                tiled=tiled,
             )
 
         return per_shard
@@ -246,6 +256,13 @@ def _dequantize_call(prim, lead: tuple[int, ...], d: int, g: int, k: int, scale_
         mesh, entries = _decode(arg_shapes[0].sharding, mesh, len(lead) + 2)
         entries = entries[: len(lead) + 1]  # packed's k axis is never sharded
         entries = _merge(entries, _result_entries(y, mesh, len(lead) + 1, len(lead) + 1))
+        if tiled:
+            # Tile order: the rows (the last leading dim) split only between whole tiles of 16, and a row's
+            # blocks are not one run, so the blocks axis stays whole.
+            entries[-1] = None
+            rows = entries[-2]
+            if rows is not None and lead[-1] % (_ways(mesh.shape, rows) * TILE_ROWS):
+                entries[-2] = None
         lead_entries, last = _layout(mesh.shape, entries, lead, nb, d)
         return mesh, last, _operand_shardings(mesh, lead_entries, last, g)
 
@@ -262,7 +279,7 @@ def _dequantize_call(prim, lead: tuple[int, ...], d: int, g: int, k: int, scale_
         partition,
         infer_sharding_from_operands=infer,
         decode_shardings=False,  # decoded by _decode, which also copes with Shardy's sub-axes
-        sharding_rule=_rule(len(lead), g, d, nb, quantize=False),
+        sharding_rule=_rule(len(lead), g, d, nb, quantize=False, tiled=tiled),
     )
     return call
 
@@ -388,7 +405,16 @@ def lower(prim, ctx: mlir.LoweringRuleContext, *args, **params):
         return mlir.lower_fun(lambda *a: list(call(*a)), multiple_results=True)(ctx, *args)
     packed, _, codebook, _ = ctx.avals_in
     lead, d, g = tuple(packed.shape[:-2]), int(params["d"]), codebook.ndim - 1
-    call = _dequantize_call(prim, lead, d, g, params["k"], params["scale_format"], np.dtype(params["dtype"]))
+    call = _dequantize_call(
+        prim,
+        lead,
+        d,
+        g,
+        params["k"],
+        params["scale_format"],
+        np.dtype(params["dtype"]),
+        bool(params.get("tiled", False)),
+    )
     return mlir.lower_fun(lambda *a: [call(*a)], multiple_results=True)(ctx, *args)
 
 

@@ -663,6 +663,38 @@ def _(platform):
         np.testing.assert_allclose(np.asarray(y, np.float32), want.astype(np.float32), rtol=1e-2, atol=1e-2)
 
 
+@case("dequantize-tiled")
+def _(platform):
+    """Dequantize of a tiled W (from its tile order) under jit: sharded along `out` in whole tiles of 16,
+    each device's kernel dequantizes its own rows with no data moving. Words sharded so that the shards
+    would cut tiles (placed by hand: ``quantized_sharding`` never does it) are dequantized whole instead.
+    Bit for bit the unsharded result either way."""
+    mesh = make_mesh(platform, "rows")
+    n = len(devices(platform))
+    if n < 2:
+        raise Skip("needs two devices")
+    one = devices(platform)[0]
+    f = jax.jit(lambda q: jk.dequantize(q))
+    for dout in (16 * n, 8 * n):
+        w = data((256, dout), np.float32, seed=dout) * np.float32(0.05)
+        q1 = jax.jit(lambda w: jk.quantize_matrix(w, 3))(jax.device_put(w, one))
+        assert q1.tiled
+        want = np.asarray(f(q1))
+        # W^T's rows split n ways, as for row order; for 8 * n outputs that cuts every tile in two.
+        rows_split = quantized_sharding(NamedSharding(mesh, P(None, "b")), q1.with_tiles(False))
+        qs = jax.device_put(q1, type(q1).tree_unflatten(True, [rows_split.stored]))
+        y = f(qs)
+        what = f"dequantize tiled 256x{dout}"
+        assert_bits(y, want, what)
+        compiled = f.lower(qs).compile()
+        whole = dout % (16 * n) == 0
+        rows = dout // n if whole else dout
+        assert kernel_shapes(compiled.as_text(), "kbit_dequantize_tiled") == [(rows, 256)], what
+        if whole:
+            assert_no_data_collectives(compiled, what, max_reduced=0)
+            assert_sharded_like(y, NamedSharding(mesh, P(None, "b")), what)
+
+
 @case("matmul-batch-sharded")
 def _(platform):
     """x sharded along its rows, W replicated: every device multiplies its rows by the whole W."""

@@ -259,6 +259,112 @@ def test_tiled_targets_are_called(rng):
     assert targets(plain) == {"kbit_matmul", "kbit_matmul_t"}
 
 
+# ---------------------------------------------------------------- dequantize from tile order
+
+# A transpose of 32-bit words in the lowered module: the permutation back to row order that reading the
+# tiles in place avoids.
+WORD_TRANSPOSE = re.compile(r"transpose[^\n]*xui32>")
+
+
+def nonfinite_pair(rng, din, dout, k, scale_format):
+    w = rng.standard_normal((din, dout)).astype(np.float32) * np.float32(0.05)
+    w[3, 5] = np.nan
+    w[din - 1, dout - 2] = -np.inf
+    w[din // 2, 0] = np.float32(1e-40)  # a subnormal block maximum
+    w = jnp.asarray(w)
+    return tuple(jk.quantize_matrix(w, k, scale_format=scale_format, tiled=t) for t in (True, False))
+
+
+@pytest.mark.parametrize("scale_format", SCALE_FORMATS)
+@pytest.mark.parametrize("k", KS)
+def test_cpu_dequantize_reads_tile_order(rng, k, scale_format):
+    """``dequantize`` of a tiled matrix reads the stored order (target ``kbit_dequantize_tiled``, no
+    permutation of the words) and gives the plain matrix's result bit for bit: every output dtype, partial
+    last blocks (in = 100), non-finite and subnormal blocks."""
+    cases = [pair(rng, din, dout, k, scale_format) for din, dout in TILEABLE]
+    cases.append(nonfinite_pair(rng, 100, 48, k, scale_format))
+    for tiled, plain in cases:
+        assert tiled.tiled and not plain.tiled
+        for dtype in (np.float32, np.float16, BF16):
+            f = jax.jit(lambda q, dtype=dtype: q.dequantize(dtype))
+            assert_same(f(tiled), f(plain), f"k={k} {tiled.shape} {np.dtype(dtype).name}")
+        text = jax.jit(lambda q: jk.dequantize(q)).lower(tiled).as_text()
+        assert "@kbit_dequantize_tiled" in text and not WORD_TRANSPOSE.search(text)
+
+
+def test_cpu_dequantize_tiled_stacks_vmap_and_grads(rng):
+    """A stack of tiled matrices with a codebook each (the handler's codebook groups), vmap over the stack
+    (the batching rule), and the gradients of the codebook, tensor scale and float block scales."""
+    ts, ps = pair(rng, 256, 32, 3, lead=(3,))
+    assert ts.stored.codebook.shape == (3, 8)
+    assert_same(jax.jit(lambda q: q.dequantize())(ts), jax.jit(lambda q: q.dequantize())(ps))
+    assert_same(jax.vmap(lambda q: q.dequantize(BF16))(ts), jax.vmap(lambda q: q.dequantize(BF16))(ps))
+    cbs = jnp.asarray(rng.standard_normal((4, 8)).astype(np.float32))  # a codebook batch of its own
+    one_t, one_p = pair(rng, 128, 16, 3)
+
+    def with_codebook(cb, q):
+        s = q.stored
+        return jax.tree.unflatten(
+            jax.tree.structure(q), [s.packed, s.scales, cb, s.tensor_scale]
+        ).dequantize()
+
+    assert_same(
+        jax.vmap(with_codebook, (0, None))(cbs, one_t), jax.vmap(with_codebook, (0, None))(cbs, one_p)
+    )
+
+    tiled, plain = pair(rng, 256, 48, 4, scale_format="f32")
+
+    def loss(cb, t, scales, q):
+        s = q.stored
+        qq = jax.tree.unflatten(jax.tree.structure(q), [s.packed, scales, cb, t])
+        return jnp.sum(jnp.sin(qq.dequantize()))
+
+    def grads(q):
+        return jax.grad(loss, argnums=(0, 1, 2))(q.stored.codebook, q.stored.tensor_scale, q.stored.scales, q)
+
+    got, want = grads(tiled), grads(plain)
+    for a, b in zip(got[:2], want[:2]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    back = np.asarray(untile_arrays(None, got[2])[1])  # the scales' gradient is in the stored (tile) order
+    np.testing.assert_allclose(back, np.asarray(want[2]), rtol=1e-5, atol=1e-7)
+    assert not np.array_equal(np.asarray(got[2]), np.asarray(want[2]))  # so the order did matter
+
+
+def test_dense_path_reads_tile_order(rng):
+    """Above FUSED_MAX_ROWS a tiled matrix's product is dequantize (from the tiles) + dot: no permutation
+    of the words per call, and the plain matrix's result bit for bit (forward and transposed)."""
+    tiled, plain = pair(rng, 512, 64, 4)
+    x = jnp.asarray(rng.standard_normal((40, 512)).astype(np.float32))
+    f = jax.jit(jax.value_and_grad(lambda x, q: jnp.sum(jnp.sin(jk.matmul(x, q)))))
+    for a, b in zip(f(x, tiled), f(x, plain)):
+        assert_same(a, b)
+    text = f.lower(x, tiled).as_text()
+    assert "@kbit_dequantize_tiled" in text and "@kbit_matmul" not in text
+    assert not WORD_TRANSPOSE.search(text)
+
+
+def test_dequantize_tiled_errors():
+    """The tiled option needs whole tiles: a ValueError at trace time from the primitive, and an error (not
+    a read out of bounds) from the handler when called directly with a partial tile."""
+    from jax_kbit.primitives import dequantize_p
+
+    packed = jnp.zeros((8, 4, 4), jnp.uint32)  # 8 rows: half a tile
+    scales = jnp.zeros((8, 4), jnp.uint8)
+    cb, t = jnp.zeros(16, jnp.float32), jnp.ones((), jnp.float32)
+    params = dict(k=4, scale_format="e4m4", d=128, dtype=np.dtype(np.float32), tiled=True)
+    with pytest.raises(ValueError, match="tile-ordered packed"):
+        jax.jit(lambda *a: dequantize_p.bind(*a, **params))(packed, scales, cb, t)
+    with pytest.raises(ValueError, match="tile-ordered packed"):
+        dequantize_p.bind(packed[:, :3, :], scales[:, :3], cb, t, **{**params, "d": 96})
+    call = jax.ffi.ffi_call("kbit_dequantize_tiled", jax.ShapeDtypeStruct((8, 128), jnp.float32))
+    with pytest.raises(Exception, match="rows % 16 == 0"):
+        jax.block_until_ready(call(packed, scales, cb, t, k=np.int32(4), scale_format=np.int32(0)))
+    ok = jax.ffi.ffi_call("kbit_dequantize_tiled", jax.ShapeDtypeStruct((16, 128), jnp.float32))
+    out = ok(jnp.zeros((16, 4, 4), jnp.uint32), jnp.zeros((16, 4), jnp.uint8), cb, t, k=np.int32(4),
+             scale_format=np.int32(0))  # fmt: skip
+    assert out.shape == (16, 128)
+
+
 def test_quantize_params_tiles_kernels_where_it_can(rng):
     params = {
         "dense": {"kernel": jnp.asarray(rng.standard_normal((256, 64)), jnp.float32)},
@@ -357,3 +463,30 @@ def test_gpu_scale_formats_transposed_and_nonfinite(rng, scale_format, monkeypat
             assert_same(jax.jit(jk.matmul)(x, tiled), jax.jit(jk.matmul)(x, plain), what)
             ft = jax.jit(lambda g, q: jk.matmul(g, q, transpose=True))
             assert_same(ft(g, tiled), ft(g, plain), what + " transposed")
+
+
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_dequantize_reads_tile_order(rng, k):
+    """The CUDA dequantize of tile-ordered words (vector kernel for whole-block rows, the per-element kernel
+    for in = 100) against the plain matrix on the GPU and the CPU handler, bit for bit, every output dtype
+    and scale format, non-finite blocks, and a stack with a codebook per matrix; and the dense matmul path
+    (40 rows) of a tiled matrix."""
+    for scale_format in SCALE_FORMATS:
+        cases = [pair(rng, din, dout, k, scale_format) for din, dout in ((4096, 1024), (256, 64), (2048, 96))]
+        cases.append(nonfinite_pair(rng, 100, 48, k, scale_format))
+        cases.append(pair(rng, 512, 32, k, scale_format, lead=(3,)))
+        for tiled, plain in cases:
+            for dtype in (np.float32, np.float16, BF16):
+                f = jax.jit(lambda q, dtype=dtype: q.dequantize(dtype))
+                want = np.asarray(f(jax.device_put(plain, CPU)))
+                what = f"{scale_format} k={k} {tiled.shape} {np.dtype(dtype).name}"
+                assert_same(f(jax.device_put(tiled, GPU)), want, what)
+                assert_same(f(jax.device_put(plain, GPU)), want, what + " plain")
+    tiled, plain = pair(rng, 1024, 256, k)
+    x = jax.device_put(jnp.asarray(rng.standard_normal((40, 1024)).astype(BF16)), GPU)
+    f = jax.jit(jk.matmul)
+    a, b = f(x, jax.device_put(tiled, GPU)), f(x, jax.device_put(plain, GPU))
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=2e-2, atol=2e-2)
+    assert "kbit_dequantize_tiled" in f.lower(x, jax.device_put(tiled, GPU)).compile().as_text()
