@@ -11,6 +11,10 @@ also checks the variant's results (products against x @ dequantize(w); quantize 
 against the CPU handler) and prints WRONG RESULTS where they fail. Prints one line per run and appends it
 to ``--out``/ab_time.jsonl.
 
+The ``tiled`` suite times ``dequantize`` of a matrix in tile order (``kbit_dequantize_tiled``, what a tiled
+matrix's product above 32 rows runs) beside the same codes in row order, per output dtype and K at the issue's
+large shapes, and checks the two bit for bit.
+
 The gemv suite also reads the k-bit kernels' own time per product (``dev_us``: the batch-1 kernel plus its
 split sum, from a ``jax.profiler`` trace of a few chained calls): the wall time of a chain of small products
 counts the launch gaps and the adds between them, which swung identical kernels by 30 % between processes.
@@ -181,6 +185,29 @@ def time_codec() -> dict[str, float]:
     return {c: t * 1e6 for c, t in times.items()}
 
 
+TILED_SHAPES = ((8192, 28672), (28672, 8192), (8192, 8192))
+
+
+def time_tiled() -> tuple[dict[str, float], int]:
+    """Microseconds per dequantize of W (``[in, out]``, stored as W^T) from tile order (``t ...``) and from
+    row order (``r ...``), K = 2..5 at 8192², K = 4 at the other shapes, bfloat16 and float32 output; and the
+    number of cases whose two results differ in any bit."""
+    times, mismatches = {}, 0
+    for din, dout in TILED_SHAPES:
+        w = jax.random.normal(jax.random.key(din + dout), (din, dout), jnp.float32)
+        for k in (2, 3, 4, 5) if din == dout else (4,):
+            tiled = jk.quantize_matrix(w, k, tiled=True)
+            rows = tiled.with_tiles(False)
+            for dtype in (jnp.bfloat16, jnp.float32):
+                f = jax.jit(lambda q, dtype=dtype: q.dequantize(dtype))
+                name = f"{din}x{dout} K{k} {jnp.dtype(dtype).name}"
+                mismatches += int(not np.array_equal(np.asarray(f(tiled)), np.asarray(f(rows))))
+                times[f"t {name}"] = timeit(f, tiled, **TIMING) * 1e6
+                times[f"r {name}"] = timeit(f, rows, **TIMING) * 1e6
+            del tiled, rows
+    return times, mismatches
+
+
 # The quantize kernels (not the dequantize ones, whose names contain theirs).
 QUANTIZE_KERNEL = re.compile(r"(?<!de)quantize_(vec_)?kernel")
 QUANTIZE_DEV_CASES = [(log2n, k) for log2n in (16, 20, 24, 28) for k in (4, 5)]
@@ -215,7 +242,11 @@ def quantize_device_us(calls: int = 5) -> dict[str, float]:
 
 def check_ok(check: dict) -> bool:
     """Whether a run's check record (see main) passed; runs without one pass."""
-    return check.get("max_rel_err", 0.0) <= MAX_REL_ERR and check.get("cpu_mismatches", 0) == 0
+    return (
+        check.get("max_rel_err", 0.0) <= MAX_REL_ERR
+        and check.get("cpu_mismatches", 0) == 0
+        and check.get("order_mismatches", 0) == 0
+    )
 
 
 def summarize(rows: list[dict], key: str = "us") -> str:
@@ -254,7 +285,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--summary", metavar="JSONL", help="print the medians of an ab_time.jsonl and exit")
     ap.add_argument("--label")
-    ap.add_argument("--suite", choices=("gemv", "codec"), default="gemv")
+    ap.add_argument("--suite", choices=("gemv", "codec", "tiled"), default="gemv")
     ap.add_argument("--rows", type=int, default=1)
     ap.add_argument("--out", default="bench/out")
     args = ap.parse_args()
@@ -268,7 +299,11 @@ def main() -> None:
     if not args.label:
         ap.error("--label is required unless --summary is given")
     record: dict = {"label": args.label, "suite": args.suite, "rows": args.rows}
-    if args.suite == "codec":
+    if args.suite == "tiled":
+        tiled_times, mismatches = time_tiled()
+        check = {"order_mismatches": mismatches}
+        times = {c: round(t, 2) for c, t in tiled_times.items()}
+    elif args.suite == "codec":
         check = {"cpu_mismatches": codec_mismatches()}
         times = {c: round(t, 2) for c, t in time_codec().items()}
         try:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A/B of kernel variants in one GPU call: each directory under $VARIANTS (default .variants) holds files that
 # replace the working tree's (e.g. .variants/x/ffi/cuda_gemv.cu). Every variant is built and installed into
-# its own directory (in parallel), then bench/ab_time.py (AB_SUITE: gemv, the default, or codec) runs for
+# its own directory (in parallel), then bench/ab_time.py (AB_SUITE: gemv, the default, codec or tiled) runs for
 # each in turns, ROUNDS times, and the medians are printed per case with the ratio to the variant named base.
 # AB_DECODE=1 then runs bench/bench_decode.py --quick once per variant.
 # A variant directory with a .build_as file (bench/make_variants.sh NAME=@OTHER:VAR=VALUE) is not built: it

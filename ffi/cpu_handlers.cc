@@ -99,7 +99,7 @@ KBIT_ALWAYS_INLINE void quantize_blocks_impl(const Layout& L, const typename In:
   }
 }
 
-// Tiled: the words and scales are in tile order (kbit_format.h, stored_block); the output is in row order.
+// Tiled: the words and scales are in tile order (kbit_format.h, block_index); the output is in row order.
 template <typename Out, int K, bool Tiled>
 KBIT_ALWAYS_INLINE void dequantize_blocks_impl(const Layout& L, const uint32_t* packed, const void* scales,
                                                const float* codebooks, const float* tensor_scales,

@@ -2,7 +2,7 @@
 // with __shfl_sync. Rows of whole blocks take the vector kernel (32 blocks per warp step; each lane rebuilds
 // 4 or 8 codes at once from adjacent bits of every plane and writes them with one 16-byte store); other
 // rows take one element per lane. Tiled (the `_tiled` target): the words and scales are in tile order
-// (kbit_format.h, stored_block), read from there; the output is in row order either way.
+// (kbit_format.h, block_index), read from there; the output is in row order either way.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -107,8 +107,10 @@ __device__ __forceinline__ uint32_t nibble_codes(const uint32_t (&w)[K], int pos
 // contiguous bytes. The launch gives every tile its own warp (full_grid_for), so loads in flight come from
 // the resident warps; the next tile's loads are issued before the current tile is decoded only where the
 // grid is capped (beyond 2^31 - 1 CTAs or 65535 groups). Dropping that prefetch measured no faster.
-// Tiled: lane l's block is stored where stored_block puts it; the 4 blocks of a row in one tile are still
-// adjacent, so the loads come in whole 32-byte sectors at K >= 2 (16 bytes of scales at f32).
+// Tiled: the warp walks the blocks in stored order, so its loads are the same contiguous runs as in row
+// order, and its 32 blocks are half of one tile (8 rows x 4 blocks; a group is whole tiles, which the handler
+// checks): each store instruction then writes two rows' runs of 4 blocks (256 bytes each at 16-bit output)
+// instead of one run of 512. Reading in row order from tile order measured slower (bench/RESULTS.md).
 template <typename Out, int K, bool Tiled>
 __global__ void __launch_bounds__(kThreads, K == 5 ? kVecMinBlocks - 1 : kVecMinBlocks)
     dequantize_vec_kernel(ScaleFormat fmt, const uint32_t* __restrict__ packed,
@@ -134,9 +136,8 @@ __global__ void __launch_bounds__(kThreads, K == 5 ? kVecMinBlocks - 1 : kVecMin
     auto load = [&](int64_t tile, uint32_t (&w)[K], uint32_t& st) {
       const int64_t b = tile * kBlock + lane;
       if (tile < tiles && b < blocks_per_group) {
-        const int64_t src = stored_block(first + b, nb, Tiled);
-        load_words<K>(packed + src * K, w);
-        st = read_scale(fmt, scales, src);
+        load_words<K>(packed + (first + b) * K, w);
+        st = read_scale(fmt, scales, first + b);
       } else {
 #pragma unroll
         for (int j = 0; j < K; ++j) w[j] = 0;
@@ -150,9 +151,25 @@ __global__ void __launch_bounds__(kThreads, K == 5 ? kVecMinBlocks - 1 : kVecMin
       uint32_t next_w[K], next_st;
       load(tile + stride, next_w, next_st);
       const float s_own = decode_scale(fmt, st, t);
-      // This lane's first output of the tile (slice 0); slice n is n * E blocks further. Blocks at or past
-      // `valid` (the group's end) are not written.
-      Storage* const lane_out = out + (first + tile * kBlock + lane / kLanesPerBlock) * kBlock + pos;
+      // This lane's first output of the tile (slice 0); slice n is n * E blocks further (in tile order, E / 4
+      // rows further). Blocks at or past `valid` (the group's end) are not written.
+      Storage* lane_out;
+      int64_t slice_step;
+      if constexpr (Tiled) {
+        constexpr int kTile = kTileRows * kTileBlocks;
+        const int64_t q0 = first + tile * kBlock;  // stored index of the warp's block 0
+        const int64_t cols = nb / kTileBlocks;     // tiles per band of 16 rows
+        const int64_t t = q0 / kTile;
+        const int64_t band = udiv(t, cols);
+        const int64_t row0 = band * kTileRows + (q0 % kTile) / kTileBlocks;
+        const int64_t col0 = (t - band * cols) * kTileBlocks;
+        const int b = lane / kLanesPerBlock;  // the warp's block in slice 0: row b / 4, column b % 4
+        lane_out = out + (row0 + b / kTileBlocks) * (nb * kBlock) + (col0 + b % kTileBlocks) * kBlock + pos;
+        slice_step = (E / kTileBlocks) * nb * kBlock;
+      } else {
+        lane_out = out + (first + tile * kBlock + lane / kLanesPerBlock) * kBlock + pos;
+        slice_step = E * kBlock;
+      }
       const int64_t left = blocks_per_group - tile * kBlock;
       const int valid = static_cast<int>(left < kBlock ? left : kBlock);
 #pragma unroll
@@ -182,7 +199,7 @@ __global__ void __launch_bounds__(kThreads, K == 5 ? kVecMinBlocks - 1 : kVecMin
           for (int i = 0; i < 4; ++i) words[i] = f32_to_bits(Out::store(value(i)));
         }
         // One 16-byte store (st.global.v4): stores split into 4-byte pieces would each write partial sectors.
-        store16_if(src < valid, lane_out + slice * E * kBlock, words);
+        store16_if(src < valid, lane_out + slice * slice_step, words);
       }
 #pragma unroll
       for (int j = 0; j < K; ++j) w[j] = next_w[j];

@@ -47,15 +47,11 @@ KBIT_HD int64_t block_index(int64_t row, int64_t b, int64_t nb, bool tiled) {
          (row % kTileRows) * kTileBlocks + b % kTileBlocks;
 }
 
-// Where the q-th block in row-major order (row q / nb, block q % nb) of a stack of tiled matrices is stored.
-// A stack [..., n, nb] with n % 16 == 0 is one tiled matrix of all its rows, so no matrix index is needed.
-// The division takes 32 bits where the operands fit (a fraction of the 64-bit sequence on the GPU).
-KBIT_HD int64_t stored_block(int64_t q, int64_t nb, bool tiled) {
-  if (!tiled) return q;
-  const uint64_t uq = static_cast<uint64_t>(q), unb = static_cast<uint64_t>(nb);
-  const uint64_t row =
-      ((uq | unb) >> 32) == 0 ? static_cast<uint32_t>(uq) / static_cast<uint32_t>(unb) : uq / unb;
-  return block_index(static_cast<int64_t>(row), static_cast<int64_t>(uq - row * unb), nb, true);
+// a / b for a, b >= 0, with a 32-bit division where both fit (a fraction of the 64-bit sequence on the GPU).
+KBIT_HD int64_t udiv(int64_t a, int64_t b) {
+  const uint64_t ua = static_cast<uint64_t>(a), ub = static_cast<uint64_t>(b);
+  return static_cast<int64_t>(((ua | ub) >> 32) == 0 ? static_cast<uint32_t>(ua) / static_cast<uint32_t>(ub)
+                                                     : ua / ub);
 }
 
 // ---------------------------------------------------------------- bit casts

@@ -99,12 +99,14 @@ ffi::Error layout_of(const Data& data, const Packed& packed, const Scales& scale
                      tensor_scale.dimensions(), k, format, out);
 }
 
-// A dequantize of tile-ordered words and scales (kbit_format.h, stored_block) needs whole tiles: the rows
-// (all matrices of a stack together) a multiple of 16 and the blocks per row a multiple of 4.
+// A dequantize of tile-ordered words and scales (a stack of tiled matrices, kbit_format.h block_index) needs
+// whole tiles in every codebook group: rows per group a multiple of 16, blocks per row a multiple of 4.
 inline ffi::Error check_tiled_rows(const Layout& L, bool tiled, ffi::Span<const int64_t> packed) {
-  if (!tiled || (L.rows % kTileRows == 0 && L.nb % kTileBlocks == 0)) return ffi::Error::Success();
-  return invalid("tile-ordered words need rows % 16 == 0 and a multiple of 4 blocks per row, got packed " +
-                 dims_str(packed));
+  if (!tiled || (L.rows_per_group % kTileRows == 0 && L.nb % kTileBlocks == 0)) return ffi::Error::Success();
+  return invalid(
+      "tile-ordered words need rows % 16 == 0 per codebook group and a multiple of 4 blocks per "
+      "row, got packed " +
+      dims_str(packed));
 }
 
 // The fused matmul y = x @ W with W [in, out] stored as format v1 of W^T: x [..., nb * 32] (padded with

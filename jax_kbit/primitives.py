@@ -88,6 +88,11 @@ def _dequantize_abstract(
             f"tile-ordered packed must be [..., n, nb, {k}] with n % {TILE_ROWS} == 0 and nb % {TILE_BLOCKS} == 0, "
             f"got {list(packed.shape)}"
         )
+    if tiled and codebook.ndim - 1 > packed.ndim - 3:
+        raise ValueError(
+            f"a codebook per row of tile-ordered words is not supported: codebook {list(codebook.shape)}, "
+            f"packed {list(packed.shape)} (one codebook per matrix of a stack at most)"
+        )
     return jax.core.ShapedArray(lead + (d,), dtype)
 
 

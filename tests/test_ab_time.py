@@ -47,9 +47,10 @@ def test_summary_names_variants_whose_results_failed_their_check(ab):
         {"label": "fast", "us": {"a": 0.5}, "check": {"max_rel_err": 0.5}},
         {"label": "codec", "us": {"a": 0.7}, "check": {"cpu_mismatches": 2}},
         {"label": "old", "us": {"a": 0.9}},
+        {"label": "tiles", "us": {"a": 0.8}, "check": {"order_mismatches": 1}},
     ]
     text = ab.summarize(rows)
-    assert text.splitlines()[-1].endswith("in: codec, fast")
+    assert text.splitlines()[-1].endswith("in: codec, fast, tiles")
     assert "WRONG" not in ab.summarize([rows[0], rows[3]])
 
 

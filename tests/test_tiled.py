@@ -356,9 +356,16 @@ def test_dequantize_tiled_errors():
         jax.jit(lambda *a: dequantize_p.bind(*a, **params))(packed, scales, cb, t)
     with pytest.raises(ValueError, match="tile-ordered packed"):
         dequantize_p.bind(packed[:, :3, :], scales[:, :3], cb, t, **{**params, "d": 96})
+    p16, s16 = jnp.zeros((16, 4, 4), jnp.uint32), jnp.zeros((16, 4), jnp.uint8)
+    cbs, ts = jnp.zeros((16, 16), jnp.float32), jnp.ones(16, jnp.float32)
+    with pytest.raises(ValueError, match="codebook per row"):
+        dequantize_p.bind(p16, s16, cbs, ts, **params)
     call = jax.ffi.ffi_call("kbit_dequantize_tiled", jax.ShapeDtypeStruct((8, 128), jnp.float32))
     with pytest.raises(Exception, match="rows % 16 == 0"):
         jax.block_until_ready(call(packed, scales, cb, t, k=np.int32(4), scale_format=np.int32(0)))
+    call = jax.ffi.ffi_call("kbit_dequantize_tiled", jax.ShapeDtypeStruct((16, 128), jnp.float32))
+    with pytest.raises(Exception, match="rows % 16 == 0 per codebook group"):  # one row per group
+        jax.block_until_ready(call(p16, s16, cbs, ts, k=np.int32(4), scale_format=np.int32(0)))
     ok = jax.ffi.ffi_call("kbit_dequantize_tiled", jax.ShapeDtypeStruct((16, 128), jnp.float32))
     out = ok(jnp.zeros((16, 4, 4), jnp.uint32), jnp.zeros((16, 4), jnp.uint8), cb, t, k=np.int32(4),
              scale_format=np.int32(0))  # fmt: skip
