@@ -9,8 +9,15 @@ import numpy as np
 
 import jax_kbit as jk
 
+
+def section(name: str) -> None:
+    """Printed as each part starts: a crash of the sanitizer itself then shows where it happened."""
+    print(f"section: {name}", flush=True)
+
+
 rng = np.random.default_rng(0)
 gpu = jax.devices("gpu")[0]
+section("codec")
 for k in (2, 3, 4, 5):
     for fmt in ("e4m4", "f16", "f32"):
         for dtype in (jnp.float32, jnp.float16, jnp.bfloat16):
@@ -19,11 +26,13 @@ for k in (2, 3, 4, 5):
                 q = jk.quantize(x, k, scale_format=fmt)
                 y = jk.dequantize(q)
                 jax.block_until_ready(y)
+section("dequantize, many CTAs")
 for k in (2, 3, 4, 5):  # a grid of many CTAs for the vector dequantize kernel
     xb = jax.device_put(rng.standard_normal((257, 4096)).astype(np.float32), gpu).astype(jnp.bfloat16)
     jax.block_until_ready(jk.dequantize(jk.quantize(xb, k)))
 # dequantize from tile order (a tiled QuantizedMatrix): the vector kernel (in % 32 == 0, several CTAs), the
 # per-element kernel (in = 100), and a stack with a codebook per matrix (groups)
+section("dequantize from tile order")
 for k in (2, 3, 4, 5):
     for dtype in (jnp.float32, jnp.bfloat16):
         for lead, din, dout in (((), 4096, 512), ((), 100, 48), ((3,), 256, 32)):
@@ -33,6 +42,7 @@ for k in (2, 3, 4, 5):
                 qm = jax.vmap(qm)
             jax.block_until_ready(qm(w).dequantize(dtype))
 # quantize's exact tile path: a non-finite block, and a codebook the bucket table declines
+section("quantize exact tiles")
 for k in (2, 3, 4, 5):
     for shape in ((5, 96), (3, 45)):
         xh = rng.standard_normal(shape).astype(np.float32)
@@ -41,6 +51,7 @@ for k in (2, 3, 4, 5):
         dense = jax.device_put(np.linspace(-0.1, 0.1, 2**k, dtype=np.float32), gpu)
         jax.block_until_ready(jk.quantize(jax.device_put(np.nan_to_num(xh), gpu), k, codebook=dense).packed)
 # grouped codebooks (vmap) with several CTAs per group, and (odd K, 39 blocks a group) misaligned tiles
+section("grouped codebooks")
 for k, shape in ((4, (3, 70, 64)), (3, (3, 13, 81)), (5, (3, 13, 81))):
     xs = jax.device_put(rng.standard_normal(shape).astype(np.float32), gpu)
     cbs = jax.device_put(np.stack([rng.permutation(jk.codebooks.default(k)) for _ in range(3)]), gpu)
@@ -51,6 +62,7 @@ for k, shape in ((4, (3, 70, 64)), (3, (3, 13, 81)), (5, (3, 13, 81))):
 # batch-1 kernel (K <= 4; its register ring over many steps and x copied into shared memory, a tail step,
 # split reductions added in the CTA and, at 32 splits, through the workspace)
 importlib.import_module("jax_kbit.matmul").cuda_fused_transposed = True
+section("matmul")
 for k in (2, 3, 4, 5):
     for dtype in (jnp.float16, jnp.bfloat16):
         for m, din, dout, fmt in (
