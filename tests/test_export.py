@@ -125,6 +125,9 @@ def test_quantized_matrix_in_and_out(tiled):
     loaded_m = round_trip(jk.matmul, x, q)
     assert_same(loaded_m.call(x, q), jax.jit(jk.matmul)(x, q))
     assert ("@kbit_matmul_tiled" in loaded_m.mlir_module()) == tiled
+    loaded_d = round_trip(jk.dequantize, q)  # a tiled matrix's dequantize reads the tiles in place
+    assert_same(loaded_d.call(q), jax.jit(jk.dequantize)(q))
+    assert ("@kbit_dequantize_tiled" in loaded_d.mlir_module()) == tiled
 
 
 def test_vmap():
