@@ -16,7 +16,8 @@
 # kernel's weight reads per layout and walk), probe_fixed (bench/probe_gemv_fixed.cu: a decode-sized
 # batch-1 product's time by part: launch, table build, loads, split sum).
 # PYTEST_ARGS: extra arguments for the tests step (e.g. --ignore a file already run on the same kernels);
-# PYTEST_K: a -k expression for it (may contain spaces). KBIT_COMMIT: the commit to print (see below).
+# PYTEST_K: a -k expression for it (may contain spaces). SANITIZE_SECTIONS: parts of bench/sanitize.py to run
+# (all by default; racecheck of the matmul part alone takes minutes). KBIT_COMMIT: the commit to print (see below).
 # ncu runs jax without preallocation: replaying a kernel saves and restores all the device memory in use, and
 # with jax's default (75 % of the GPU preallocated) profiling one small kernel (10 passes) took about 50 s.
 # Logs and results go to $OUT/logs (default bench/out/logs), packed into $OUT/logs.tgz at exit (the device tool
@@ -75,7 +76,7 @@ for s in $steps; do
     bench) step bench python3 "$repo/bench/bench_gpu.py" --out "$OUT" ${quick:+--quick} ;;
     sanitize)
       for tool in memcheck racecheck; do
-        compute-sanitizer --tool $tool --error-exitcode 3 python3 "$repo/bench/sanitize.py" >"$OUT/sanitize_$tool.log" 2>&1
+        compute-sanitizer --tool $tool --error-exitcode 3 python3 "$repo/bench/sanitize.py" ${SANITIZE_SECTIONS:-} >"$OUT/sanitize_$tool.log" 2>&1
         rc=$?
         echo "compute-sanitizer $tool: rc=$rc $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
         [ $rc -eq 0 ] || status=1

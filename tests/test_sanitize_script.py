@@ -1,0 +1,20 @@
+"""bench/sanitize.py's section choice (the script itself needs a GPU; gpu_check.sh runs it there)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "sanitize.py"
+
+
+def test_every_section_can_be_chosen_and_unknown_ones_are_refused():
+    text = SCRIPT.read_text()
+    declared = re.search(r"SECTIONS = \(([^)]*)\)", text).group(1)
+    names = re.findall(r'"(\w+)"', declared)
+    used = re.findall(r'^if section\("(\w+)"\):', text, flags=re.M)
+    assert used == names and len(names) == 6
+    run = subprocess.run([sys.executable, str(SCRIPT), "matmul", "nonsense"], capture_output=True, text=True)
+    assert run.returncode != 0 and "unknown sections ['nonsense']" in run.stderr
