@@ -258,19 +258,6 @@ ffi::Error DequantizeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> packed, ff
   return ffi::Error::Success();
 }
 
-// Shared by the row-order and the tiled dequantize handler.
-auto dequantize_binding() {
-  return ffi::Ffi::Bind()
-      .Ctx<ffi::ThreadPool>()
-      .Arg<ffi::Buffer<ffi::U32>>()
-      .Arg<ffi::AnyBuffer>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Ret<ffi::AnyBuffer>()
-      .Attr<int32_t>("k")
-      .Attr<int32_t>("scale_format");
-}
-
 }  // namespace
 }  // namespace kbit
 
@@ -285,5 +272,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitQuantizeCpu, kbit::QuantizeImpl,
                                   .Attr<int32_t>("k")
                                   .Attr<int32_t>("scale_format"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitDequantizeCpu, kbit::DequantizeImpl<false>, kbit::dequantize_binding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitDequantizeTiledCpu, kbit::DequantizeImpl<true>, kbit::dequantize_binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitDequantizeCpu, kbit::DequantizeImpl<false>,
+                              kbit::dequantize_binding<ffi::ThreadPool>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitDequantizeTiledCpu, kbit::DequantizeImpl<true>,
+                              kbit::dequantize_binding<ffi::ThreadPool>());

@@ -253,24 +253,13 @@ ffi::Error DequantizeImpl(cudaStream_t stream, ffi::Buffer<ffi::U32> packed, ffi
   return launch_error("dequantize");
 }
 
-// Shared by the row-order and the tiled handler.
-auto dequantize_binding() {
-  return ffi::Ffi::Bind()
-      .Ctx<ffi::PlatformStream<cudaStream_t>>()
-      .Arg<ffi::Buffer<ffi::U32>>()
-      .Arg<ffi::AnyBuffer>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Ret<ffi::AnyBuffer>()
-      .Attr<int32_t>("k")
-      .Attr<int32_t>("scale_format");
-}
-
 }  // namespace
 }  // namespace cuda
 }  // namespace kbit
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitDequantizeCuda, kbit::cuda::DequantizeImpl<false>,
-                              kbit::cuda::dequantize_binding(), {ffi::Traits::kCmdBufferCompatible});
+                              kbit::dequantize_binding<ffi::PlatformStream<cudaStream_t>>(),
+                              {ffi::Traits::kCmdBufferCompatible});
 XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitDequantizeTiledCuda, kbit::cuda::DequantizeImpl<true>,
-                              kbit::cuda::dequantize_binding(), {ffi::Traits::kCmdBufferCompatible});
+                              kbit::dequantize_binding<ffi::PlatformStream<cudaStream_t>>(),
+                              {ffi::Traits::kCmdBufferCompatible});

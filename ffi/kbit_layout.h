@@ -99,6 +99,21 @@ ffi::Error layout_of(const Data& data, const Packed& packed, const Scales& scale
                      tensor_scale.dimensions(), k, format, out);
 }
 
+// The FFI binding of dequantize (packed, scales, codebook, tensor scale -> out), for the CPU (Ctx =
+// ffi::ThreadPool) and CUDA (ffi::PlatformStream<cudaStream_t>) handlers, row-order and tiled alike.
+template <typename Ctx>
+auto dequantize_binding() {
+  return ffi::Ffi::Bind()
+      .template Ctx<Ctx>()
+      .template Arg<ffi::Buffer<ffi::U32>>()
+      .template Arg<ffi::AnyBuffer>()
+      .template Arg<ffi::Buffer<ffi::F32>>()
+      .template Arg<ffi::Buffer<ffi::F32>>()
+      .template Ret<ffi::AnyBuffer>()
+      .template Attr<int32_t>("k")
+      .template Attr<int32_t>("scale_format");
+}
+
 // A dequantize of tile-ordered words and scales (a stack of tiled matrices, kbit_format.h block_index) needs
 // whole tiles in every codebook group: rows per group a multiple of 16, blocks per row a multiple of 4.
 inline ffi::Error check_tiled_rows(const Layout& L, bool tiled, ffi::Span<const int64_t> packed) {

@@ -132,13 +132,6 @@ def _accumulation(dtype, gpu: bool):
     return dtype if gpu and np.dtype(dtype).itemsize == 2 else jnp.float32
 
 
-def _dequantized_wt(packed, scales, codebook, tensor_scale, *, k, scale_format, d, tiled, dtype):
-    """``dequantize(W^T)`` ``[out, d]`` in row order, read from either storage order."""
-    return dequantize_p.bind(
-        packed, scales, codebook, tensor_scale, k=k, scale_format=scale_format, d=d, dtype=dtype, tiled=tiled
-    )
-
-
 def _dequantized_dot(
     x,
     packed,
@@ -154,8 +147,8 @@ def _dequantized_dot(
 ):
     """The unfused path: ``x[..., :d] @ dequantize(W^T).T`` with float32 accumulation."""
     dtype = x.dtype
-    wt = _dequantized_wt(
-        packed, scales, codebook, tensor_scale, k=k, scale_format=scale_format, d=d, tiled=tiled, dtype=dtype
+    wt = dequantize_p.bind(  # W^T [out, d] in row order, from either storage order
+        packed, scales, codebook, tensor_scale, k=k, scale_format=scale_format, d=d, dtype=dtype, tiled=tiled
     )
     y = lax.dot_general(
         x[..., :d],
@@ -182,8 +175,8 @@ def _dequantized_dot_t(
 ):
     """The unfused transposed product: ``g @ dequantize(W^T)``, padded with zeros to whole blocks."""
     dtype = g.dtype
-    wt = _dequantized_wt(
-        packed, scales, codebook, tensor_scale, k=k, scale_format=scale_format, d=d, tiled=tiled, dtype=dtype
+    wt = dequantize_p.bind(  # W^T [out, d] in row order, from either storage order
+        packed, scales, codebook, tensor_scale, k=k, scale_format=scale_format, d=d, dtype=dtype, tiled=tiled
     )
     y = lax.dot_general(
         g,

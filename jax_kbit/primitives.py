@@ -100,21 +100,23 @@ quantize_p.def_abstract_eval(_quantize_abstract)
 dequantize_p.def_abstract_eval(_dequantize_abstract)
 
 
-def _lowering(target: str):
-    rules = {tiled: jax.ffi.ffi_lowering(target + ("_tiled" if tiled else "")) for tiled in (False, True)}
+def _lowering(target: str, tiled_target: str | None = None):
+    """The lowering to ``target``, or to ``tiled_target`` for a call with ``tiled=True`` (dequantize only)."""
+    rule = jax.ffi.ffi_lowering(target)
+    tiled_rule = jax.ffi.ffi_lowering(tiled_target) if tiled_target else None
 
     def lower(ctx, *args, k: int, scale_format: str, **params):
         if sharding.wants_partitioning(ctx):  # several devices: shard-local calls (docs/SHARDING.md)
             prim = quantize_p if target == "kbit_quantize" else dequantize_p
             return sharding.lower(prim, ctx, *args, k=k, scale_format=scale_format, **params)
-        rule = rules[bool(params.get("tiled", False))]  # only dequantize has the option
-        return rule(ctx, *args, k=np.int32(k), scale_format=np.int32(SCALE_FORMAT_IDS[scale_format]))
+        chosen = tiled_rule if params.get("tiled", False) else rule
+        return chosen(ctx, *args, k=np.int32(k), scale_format=np.int32(SCALE_FORMAT_IDS[scale_format]))
 
     return lower
 
 
-def _cuda_lowering(target: str):
-    rule = _lowering(target)
+def _cuda_lowering(target: str, tiled_target: str | None = None):
+    rule = _lowering(target, tiled_target)
 
     def lower(ctx, *args, **params):
         # jax.export only names the target: exporting for CUDA needs no CUDA build here (the loader does).
@@ -128,9 +130,12 @@ def _cuda_lowering(target: str):
     return lower
 
 
-for _p, _target in ((quantize_p, "kbit_quantize"), (dequantize_p, "kbit_dequantize")):
-    mlir.register_lowering(_p, _lowering(_target), platform="cpu")
-    mlir.register_lowering(_p, _cuda_lowering(_target), platform="cuda")
+for _p, _targets in (
+    (quantize_p, ("kbit_quantize",)),
+    (dequantize_p, ("kbit_dequantize", "kbit_dequantize_tiled")),
+):
+    mlir.register_lowering(_p, _lowering(*_targets), platform="cpu")
+    mlir.register_lowering(_p, _cuda_lowering(*_targets), platform="cuda")
 sharding.register(quantize_p, dequantize_p)
 
 

@@ -85,6 +85,16 @@ def _layout(
     return out, last
 
 
+def _tile_order_entries(mesh_shape: dict, entries: Sequence[Entry], rows: int) -> list[Entry]:
+    """``entries`` ``[..., rows, blocks]`` of tile-ordered words reduced to what tile order allows: the rows
+    split only between whole tiles of 16, the blocks (not one run per row in tile order) never."""
+    out = list(entries)
+    if out[-2] is not None and rows % (_ways(mesh_shape, out[-2]) * TILE_ROWS):
+        out[-2] = None
+    out[-1] = None
+    return out
+
+
 def _named(mesh: Mesh, entries: Sequence[Entry]) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(*entries))
 
@@ -256,13 +266,8 @@ def _dequantize_call(
         mesh, entries = _decode(arg_shapes[0].sharding, mesh, len(lead) + 2)
         entries = entries[: len(lead) + 1]  # packed's k axis is never sharded
         entries = _merge(entries, _result_entries(y, mesh, len(lead) + 1, len(lead) + 1))
-        if tiled:
-            # Tile order: the rows (the last leading dim) split only between whole tiles of 16, and a row's
-            # blocks are not one run, so the blocks axis stays whole.
-            entries[-1] = None
-            rows = entries[-2]
-            if rows is not None and lead[-1] % (_ways(mesh.shape, rows) * TILE_ROWS):
-                entries[-2] = None
+        if tiled:  # the rows are the last leading dim
+            entries = _tile_order_entries(mesh.shape, entries, lead[-1])
         lead_entries, last = _layout(mesh.shape, entries, lead, nb, d)
         return mesh, last, _operand_shardings(mesh, lead_entries, last, g)
 
@@ -447,13 +452,8 @@ def quantized_sharding(sharding: jax.sharding.Sharding, q: Any):
         if isinstance(sharding, NamedSharding):
             entries = _entries(sharding, q.ndim)
             entries[-2], entries[-1] = entries[-1], entries[-2]
-            if q.tiled:
-                # In tile order a shard of `out` must hold whole tiles, and the blocks of a row are not
-                # one contiguous run, so `in` is not split.
-                n_out = int(q.stored.packed.shape[-3])
-                if entries[-2] is not None and n_out % (_ways(sharding.mesh.shape, entries[-2]) * TILE_ROWS):
-                    entries[-2] = None
-                entries[-1] = None
+            if q.tiled:  # W^T's rows are `out`, its blocks run along `in`
+                entries = _tile_order_entries(sharding.mesh.shape, entries, int(q.stored.packed.shape[-3]))
             sharding = NamedSharding(sharding.mesh, PartitionSpec(*entries))
         return QuantizedMatrix.tree_unflatten(q.tiled, [quantized_sharding(sharding, q.stored)])
     if not isinstance(q, QuantizedArray):
