@@ -16,8 +16,10 @@
 # kernel's weight reads per layout and walk), probe_fixed (bench/probe_gemv_fixed.cu: a decode-sized
 # batch-1 product's time by part: launch, table build, loads, split sum).
 # PYTEST_ARGS: extra arguments for the tests step (e.g. --ignore a file already run on the same kernels);
-# PYTEST_K: a -k expression for it (may contain spaces). SANITIZE_SECTIONS: parts of bench/sanitize.py to run
-# (all by default; racecheck of the matmul part alone takes minutes). KBIT_COMMIT: the commit to print (see below).
+# PYTEST_K: a -k expression for it (may contain spaces). SANITIZE_PARTS: the arguments of bench/sanitize.py for
+# each sanitizer process, separated by ';' (default: the small sections in one, the matmul section's K = 2, 3
+# and K = 4, 5 in two more; all run at once under each tool, SANITIZE_TIMEOUT seconds each, default 500).
+# KBIT_COMMIT: the commit to print (see below).
 # ncu runs jax without preallocation: replaying a kernel saves and restores all the device memory in use, and
 # with jax's default (75 % of the GPU preallocated) profiling one small kernel (10 passes) took about 50 s.
 # Logs and results go to $OUT/logs (default bench/out/logs), packed into $OUT/logs.tgz at exit (the device tool
@@ -75,10 +77,24 @@ for s in $steps; do
     sharded) TAIL=20 step bench_sharded python3 "$repo/bench/bench_sharded.py" --out "$OUT" ${quick:+--ks 4} ;;
     bench) step bench python3 "$repo/bench/bench_gpu.py" --out "$OUT" ${quick:+--quick} ;;
     sanitize)
+      # Both tools on every part at once, each part its own process (racecheck of the whole script in one
+      # process ran past 220 s, most of it in the matmul section).
+      IFS=';' read -ra parts <<<"${SANITIZE_PARTS:-codec dequantize tiled quantize grouped;matmul k=2,3;matmul k=4,5}"
+      pids=()
       for tool in memcheck racecheck; do
-        compute-sanitizer --tool $tool --error-exitcode 3 python3 "$repo/bench/sanitize.py" ${SANITIZE_SECTIONS:-} >"$OUT/sanitize_$tool.log" 2>&1
+        for i in "${!parts[@]}"; do
+          XLA_PYTHON_CLIENT_MEM_FRACTION=0.12 timeout "${SANITIZE_TIMEOUT:-500}" compute-sanitizer --tool $tool \
+            --error-exitcode 3 python3 "$repo/bench/sanitize.py" ${parts[$i]} >"$OUT/sanitize_${tool}_$i.log" 2>&1 &
+          pids+=("$tool $i $!")
+        done
+      done
+      for entry in "${pids[@]}"; do
+        read -r tool i pid <<<"$entry"
+        wait "$pid"
         rc=$?
-        echo "compute-sanitizer $tool: rc=$rc $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
+        log="$OUT/sanitize_${tool}_$i.log"
+        echo "compute-sanitizer $tool [${parts[$i]}]: rc=$rc $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log" | tail -1)" \
+          "$(grep -q 'sanitize run complete' "$log" && echo complete || echo "NOT COMPLETE (last: $(grep '^section' "$log" | tail -1))")"
         [ $rc -eq 0 ] || status=1
       done ;;
     selfcheck) TAIL=12 step selfcheck python3 -P -m jax_kbit ;;

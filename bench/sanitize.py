@@ -11,8 +11,19 @@ import numpy as np
 import jax_kbit as jk
 
 # Sections to run (all without arguments): `python sanitize.py matmul` runs that one alone, e.g. for racecheck,
-# which takes minutes over the matmul section by itself.
-CHOSEN = set(sys.argv[1:])
+# which takes minutes over the matmul section by itself. `k=2,3` keeps only those K in every section, so
+# that several sanitizer processes can share the matmul section's cases (gpu_check.sh runs them side by side).
+ARGS = sys.argv[1:]
+KS = (2, 3, 4, 5)
+for arg in [a for a in ARGS if a.startswith("k=")]:
+    ARGS.remove(arg)
+    try:
+        KS = tuple(sorted({int(v) for v in arg[2:].split(",")}))
+    except ValueError:
+        sys.exit(f"k= takes comma-separated bit widths, got {arg!r}")
+    if not KS or set(KS) - {2, 3, 4, 5}:
+        sys.exit(f"k= takes bit widths 2..5, got {arg!r}")
+CHOSEN = set(ARGS)
 SECTIONS = ("codec", "dequantize", "tiled", "quantize", "grouped", "matmul")
 if CHOSEN - set(SECTIONS):
     sys.exit(f"unknown sections {sorted(CHOSEN - set(SECTIONS))}; choose from {SECTIONS}")
@@ -30,7 +41,7 @@ def section(name: str) -> bool:
 rng = np.random.default_rng(0)
 gpu = jax.devices("gpu")[0]
 if section("codec"):
-    for k in (2, 3, 4, 5):
+    for k in KS:
         for fmt in ("e4m4", "f16", "f32"):
             for dtype in (jnp.float32, jnp.float16, jnp.bfloat16):
                 for shape in ((5, 96), (3, 45)):  # vector path (d % 32 == 0) and general path
@@ -39,13 +50,13 @@ if section("codec"):
                     y = jk.dequantize(q)
                     jax.block_until_ready(y)
 if section("dequantize"):
-    for k in (2, 3, 4, 5):  # a grid of many CTAs for the vector dequantize kernel
+    for k in KS:  # a grid of many CTAs for the vector dequantize kernel
         xb = jax.device_put(rng.standard_normal((257, 4096)).astype(np.float32), gpu).astype(jnp.bfloat16)
         jax.block_until_ready(jk.dequantize(jk.quantize(xb, k)))
 # dequantize from tile order (a tiled QuantizedMatrix): the vector kernel (in % 32 == 0, several CTAs), the
 # per-element kernel (in = 100), and a stack with a codebook per matrix (groups)
 if section("tiled"):
-    for k in (2, 3, 4, 5):
+    for k in KS:
         for dtype in (jnp.float32, jnp.bfloat16):
             for lead, din, dout in (((), 4096, 512), ((), 100, 48), ((3,), 256, 32)):
                 w = jax.device_put(rng.standard_normal(lead + (din, dout)).astype(np.float32), gpu)
@@ -55,7 +66,7 @@ if section("tiled"):
                 jax.block_until_ready(qm(w).dequantize(dtype))
 # quantize's exact tile path: a non-finite block, and a codebook the bucket table declines
 if section("quantize"):
-    for k in (2, 3, 4, 5):
+    for k in KS:
         for shape in ((5, 96), (3, 45)):
             xh = rng.standard_normal(shape).astype(np.float32)
             xh[1, 3] = np.nan
@@ -67,6 +78,8 @@ if section("quantize"):
 # grouped codebooks (vmap) with several CTAs per group, and (odd K, 39 blocks a group) misaligned tiles
 if section("grouped"):
     for k, shape in ((4, (3, 70, 64)), (3, (3, 13, 81)), (5, (3, 13, 81))):
+        if k not in KS:
+            continue
         xs = jax.device_put(rng.standard_normal(shape).astype(np.float32), gpu)
         cbs = jax.device_put(np.stack([rng.permutation(jk.codebooks.default(k)) for _ in range(3)]), gpu)
         jax.block_until_ready(
@@ -79,7 +92,7 @@ if section("grouped"):
 # split reductions added in the CTA and, at 32 splits, through the workspace)
 if section("matmul"):
     importlib.import_module("jax_kbit.matmul").cuda_fused_transposed = True
-    for k in (2, 3, 4, 5):
+    for k in KS:
         for dtype in (jnp.float16, jnp.bfloat16):
             for m, din, dout, fmt in (
                 (1, 100, 33, "e4m4"),

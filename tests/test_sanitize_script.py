@@ -18,3 +18,12 @@ def test_every_section_can_be_chosen_and_unknown_ones_are_refused():
     assert used == names and len(names) == 6
     run = subprocess.run([sys.executable, str(SCRIPT), "matmul", "nonsense"], capture_output=True, text=True)
     assert run.returncode != 0 and "unknown sections ['nonsense']" in run.stderr
+
+
+def test_bit_width_filter_is_checked_before_any_gpu_work():
+    text = SCRIPT.read_text()
+    # every K loop goes through the filter, so that parallel sanitizer processes can share the cases
+    assert "for k in (2, 3, 4, 5):" not in text and text.count("for k in KS:") >= 5
+    for bad in ("k=7", "k=two", "k="):
+        run = subprocess.run([sys.executable, str(SCRIPT), "matmul", bad], capture_output=True, text=True)
+        assert run.returncode != 0 and "k= takes" in run.stderr, (bad, run.stderr)
