@@ -11,10 +11,10 @@
 // sums once. Pair indices come from the bit planes in a few shifts and masks per 16 pairs (pair_indices),
 // and a pair table lookup is one byte permute (which also adds the lane's bank offset) and one shared-memory
 // load.
-// The weights and scales stream into registers kStages steps ahead of the arithmetic (at batch 1 the kernel
-// is a race against memory latency, and the steps in flight per SM must cover it); x is copied into shared
-// memory once per CTA. Staging the weights through shared memory as well (cp.async) made the shared-memory
-// pipe the bottleneck: ncu put half of the stall samples on it at 8192 x 28672 and 28672 x 8192.
+// The weights and scales stream into registers, a double-buffered ring of 2 x kBatch steps (at batch 1 the
+// kernel is a race against memory latency, and the steps in flight per SM must cover it); x is copied into
+// shared memory once per CTA. Staging the weights through shared memory as well (cp.async) made the
+// shared-memory pipe the bottleneck: ncu put half of the stall samples on it at the large shapes.
 #include "cuda_gemv.h"
 #include "cuda_mma.cuh"
 
@@ -98,14 +98,11 @@ __device__ __forceinline__ void pair_indices(const uint32_t (&w)[K], uint32_t (&
 // s0, s1: their stored scales; xw: the x operand (x on this lane's block, or zeros off the diagonal).
 // `valid` is false for a block past the end of the split.
 template <bool kBf16, int K, int M, bool kE4M4>
-__device__ __forceinline__ void compute_step(const uint32_t (&w0)[K], const uint32_t (&w1)[K], uint32_t s0s,
-                                             uint32_t s1s, const uint32_t (&xw)[16], bool valid,
-                                             ScaleFormat fmt, float t, uint32_t pair_offset,
-                                             uint32_t scale_offset, float (&acc)[4]) {
+__device__ __forceinline__ void compute_indexed(const uint32_t (&q0)[4], const uint32_t (&q1)[4],
+                                                uint32_t s0s, uint32_t s1s, const uint32_t (&xw)[16],
+                                                bool valid, ScaleFormat fmt, float t, uint32_t pair_offset,
+                                                uint32_t scale_offset, float (&acc)[4]) {
   float part[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  uint32_t q0[4], q1[4];
-  pair_indices<K>(w0, q0);
-  pair_indices<K>(w1, q1);
   // Mma j takes the block's elements 4j .. 4j + 3: x words 2j and 2j + 1, which read_x leaves in adjacent
   // registers, as the B operand needs them (no register moves); the same elements' pairs on the A side are
   // byte j / 2 of q[2 (j & 1)] and q[2 (j & 1) + 1].
@@ -135,6 +132,17 @@ __device__ __forceinline__ void compute_step(const uint32_t (&w0)[K], const uint
     acc[1] = __fmaf_rn(s0, part[1], acc[1]);
     acc[3] = __fmaf_rn(s1, part[3], acc[3]);
   }
+}
+
+template <bool kBf16, int K, int M, bool kE4M4>
+__device__ __forceinline__ void compute_step(const uint32_t (&w0)[K], const uint32_t (&w1)[K], uint32_t s0s,
+                                             uint32_t s1s, const uint32_t (&xw)[16], bool valid,
+                                             ScaleFormat fmt, float t, uint32_t pair_offset,
+                                             uint32_t scale_offset, float (&acc)[4]) {
+  uint32_t q0[4], q1[4];
+  pair_indices<K>(w0, q0);
+  pair_indices<K>(w1, q1);
+  compute_indexed<kBf16, K, M, kE4M4>(q0, q1, s0s, s1s, xw, valid, fmt, t, pair_offset, scale_offset, acc);
 }
 
 __device__ __forceinline__ uint32_t load_scale(bool e4m4, ScaleFormat fmt, const void* scales, int64_t i) {
@@ -188,7 +196,9 @@ __host__ __device__ constexpr int64_t gemv_smem_bytes(int64_t m, int64_t nb) {
   return kTableBytes + (2 * r > kTableBytes ? 2 * r : kTableBytes);
 }
 
-constexpr int kStages = 4;  // steps of weights in flight per warp, in registers (5 or 6 measured no faster)
+// Steps of weights per half of the register ring (gemv_item). Three (128 registers, a few spilled at M = 2)
+// measured slower than two at every large shape, and 6-9 % slower at the decode layers (bench/RESULTS.md).
+constexpr int kBatch = 2;
 
 // One work item of one warp: output rows [16 tile, 16 tile + 16), blocks [begin, end) of split `split`.
 // xs: the shared address of the CTA's copy of x; slot: this warp's slot of sums (shared, generic pointer).
@@ -228,9 +238,12 @@ __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t 
   // on (the next step) is always 18 chunks further, gaps included (x_chunk_offset).
   uint32_t my_x = xs + static_cast<uint32_t>(x_chunk_offset(4 * ((diag ? mrow : 0) * a.nb + b0)));
   constexpr uint32_t kXStep = 16 * (4 * kStep + kStep / 2);
-  // Weights and stored scales go through registers, a ring of kStages steps loaded ahead.
-  uint32_t wr0[kStages][K], wr1[kStages][K];
-  uint32_t sc0[kStages], sc1[kStages];
+  // Weights and stored scales go through registers in two halves of kBatch steps. Every global load of the
+  // warp signals one scoreboard, and the first use of any loaded register waits until all of the warp's loads
+  // in flight have landed: so the next half's loads are issued only after the first use of this half's
+  // words (its first step's pair indices), and the whole of this half's arithmetic hides their latency.
+  uint32_t wr0[2 * kBatch][K], wr1[2 * kBatch][K];
+  uint32_t sc0[2 * kBatch], sc1[2 * kBatch];
   auto issue = [&](int i) {
     load_words_stream<K>(w0, wr0[i]);
     load_words_stream<K>(w1, wr1[i]);
@@ -242,16 +255,33 @@ __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t 
     si1 += step_blocks;
   };
 #pragma unroll
-  for (int i = 0; i < kStages; ++i) {
+  for (int i = 0; i < kBatch; ++i) {
     if (i < steps) issue(i);
   }
   uint32_t xw[16];  // the x operand: x on this lane's block, or zeros off the diagonal (set once)
 #pragma unroll
   for (int v = 0; v < 16; ++v) xw[v] = 0u;
-  for (int64_t base = 0; base < steps; base += kStages) {
+  // The steps of one half (h: ring slots kBatch h ..), the first of which is step s.
+  auto run_half = [&](int h, int64_t s) {
+    uint32_t q0[4], q1[4];
+    pair_indices<K>(wr0[kBatch * h], q0);  // the first use: waits for this half's loads only
+    pair_indices<K>(wr1[kBatch * h], q1);
+    // An empty statement that takes the indices in and out, kept before the (volatile) loads: without it
+    // the compiler moves the first use below them (or, with input-only operands, recomputes the indices
+    // there at K = 2), and the wait then covers the next half's loads too (tests/test_gemv_schedule.py).
+    asm volatile(""
+                 : "+r"(q0[0]), "+r"(q0[1]), "+r"(q0[2]), "+r"(q0[3]), "+r"(q1[0]), "+r"(q1[1]), "+r"(q1[2]),
+                   "+r"(q1[3]));
+    if (s + kBatch < steps) {  // a branch: the loads stay below the wait
 #pragma unroll
-    for (int i = 0; i < kStages; ++i) {
-      if (base + i >= steps) break;
+      for (int i = 0; i < kBatch; ++i) {
+        if (s + kBatch + i < steps) issue(kBatch * (1 - h) + i);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      if (s + i >= steps) break;
+      const int slot = kBatch * h + i;
       // Lanes off the diagonal load nothing (a predicated-off lane costs no wavefront) and keep zeros.
       if (diag) {
 #pragma unroll
@@ -261,10 +291,18 @@ __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t 
         }
       }
       my_x += kXStep;
-      compute_step<kBf16, K, M, kE4M4>(wr0[i], wr1[i], sc0[i], sc1[i], xw, true, a.fmt, t, pair_offset,
-                                       scale_offset, acc);
-      if (base + i + kStages < steps) issue(i);
+      if (i == 0) {
+        compute_indexed<kBf16, K, M, kE4M4>(q0, q1, sc0[slot], sc1[slot], xw, true, a.fmt, t, pair_offset,
+                                            scale_offset, acc);
+      } else {
+        compute_step<kBf16, K, M, kE4M4>(wr0[slot], wr1[slot], sc0[slot], sc1[slot], xw, true, a.fmt, t,
+                                         pair_offset, scale_offset, acc);
+      }
     }
+  };
+  for (int64_t base = 0; base < steps; base += 2 * kBatch) {
+    run_half(0, base);
+    if (base + kBatch < steps) run_half(1, base + kBatch);
   }
   const int64_t rest = end - begin - steps * kStep;
   if (rest > 0) {  // a last step with blocks past `end`: those lanes read a valid block, scale 0, x zeros
