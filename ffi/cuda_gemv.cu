@@ -197,7 +197,7 @@ __host__ __device__ constexpr int64_t gemv_smem_bytes(int64_t m, int64_t nb) {
 }
 
 // Steps of weights per half of the register ring (gemv_item). Three (128 registers, a few spilled at M = 2)
-// measured slower than two at every large shape, and 6-9 % slower at the decode layers (bench/RESULTS.md).
+// measured slower than two at every K = 3 and 4 shape, 6-11 % slower at the decode layers (bench/RESULTS.md).
 constexpr int kBatch = 2;
 
 // One work item of one warp: output rows [16 tile, 16 tile + 16), blocks [begin, end) of split `split`.

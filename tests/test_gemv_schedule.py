@@ -3,7 +3,7 @@
 Every global load of a warp signals one scoreboard, and a wait on it lasts until all of them have landed
 (ffi/cuda_gemv.cu, gemv_item). The ring therefore works only if each half's loads are issued after the
 first use of the previous half's words: a compiler that moved that use below the loads would make every
-step wait for loads it had just issued (bench/RESULTS.md, seventeenth session: 8-11 % of the kernel's time).
+step wait for loads it had just issued (bench/RESULTS.md, seventeenth session: 8-10 % of the kernel's time).
 """
 
 from __future__ import annotations
