@@ -6,6 +6,9 @@
 # those environment variables set (e.g. a knob of an experiment branch swept without rebuilding).
 #   bash bench/make_variants.sh base=main pdl=next-sum-splits-pdl cap1=next-gemv-split-cap1
 #   bash bench/make_variants.sh base=main sweep=next-gemv-split-sweep s1=@sweep:KBIT_GEMV_SPLITS=1
+# NAME=FILE.patch (or .diff) makes a variant from a patch against HEAD (bench/variants/ keeps prepared ones:
+# a branch does not outlive the session that made it, a file on main does).
+#   bash bench/make_variants.sh base=main xmma=bench/variants/gemv_xmma.patch
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)
 cd "$root"
@@ -14,6 +17,29 @@ grep -qx "/$dir/" .git/info/exclude 2>/dev/null || echo "/$dir/" >>.git/info/exc
 for spec in "$@"; do
   name=${spec%%=*}
   ref=${spec#*=}
+  case $ref in
+    *.patch | *.diff)  # a patch file (bench/variants/): HEAD's files it touches, with the patch applied
+      [ -f "$ref" ] || {
+        echo "no patch file $ref" >&2
+        exit 1
+      }
+      rm -rf "${dir:?}/$name"
+      mkdir -p "$dir/$name"
+      echo "$ref" >"$dir/$name/.variant"
+      n=0
+      while IFS=$'\t' read -r _ _ path; do
+        mkdir -p "$dir/$name/$(dirname "$path")"
+        if git cat-file -e "HEAD:$path" 2>/dev/null; then git show "HEAD:$path" >"$dir/$name/$path"; fi
+        n=$((n + 1))
+      done < <(git apply --numstat "$ref")
+      git apply --directory="$dir/$name" "$ref" || {
+        echo "$ref does not apply to HEAD" >&2
+        exit 1
+      }
+      echo "$name: $n file(s) from $ref"
+      continue
+      ;;
+  esac
   if [ "${ref:0:1}" = @ ]; then
     other=${ref#@}
     other=${other%%:*}

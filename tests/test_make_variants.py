@@ -108,3 +108,41 @@ def test_environment_variants_reuse_another_build(tmp_path):
     assert sorted(p.name for p in s4.iterdir()) == [".build_as", ".env", ".variant"]  # no files of its own
     plain = repo / ".variants" / "plain"
     assert (plain / ".build_as").read_text() == "sweep\n" and not (plain / ".env").exists()
+
+
+def test_variant_from_a_patch_file(tmp_path):
+    repo = _one_file_repo(tmp_path)
+    (repo / "f").write_text("2\n")
+    (repo / "g").write_text("new\n")
+    _git(repo, "add", "-N", "g")
+    (repo / "p.patch").write_text(
+        "What this variant is for, above the diff (git apply skips it).\n\n" + _git(repo, "diff")
+    )
+    _git(repo, "checkout", "-q", "f")
+    _git(repo, "rm", "-q", "--cached", "g")
+    (repo / "g").unlink()
+    out = subprocess.run(
+        ["bash", str(SCRIPT), "v=p.patch"], cwd=repo, check=True, capture_output=True, text=True
+    ).stdout
+    assert "v: 2 file(s) from p.patch" in out
+    v = repo / ".variants" / "v"
+    assert (v / "f").read_text() == "2\n" and (v / "g").read_text() == "new\n"
+    assert (repo / "f").read_text() == "1\n" and not (repo / "g").exists()  # HEAD's tree untouched
+    (repo / "f").write_text("3\n")
+    _git(repo, "commit", "-qam", "f moves on")  # the patch no longer applies
+    run = subprocess.run(["bash", str(SCRIPT), "v=p.patch"], cwd=repo, capture_output=True, text=True)
+    assert run.returncode != 0 and "does not apply to HEAD" in run.stderr
+    run = subprocess.run(["bash", str(SCRIPT), "v=missing.patch"], cwd=repo, capture_output=True, text=True)
+    assert run.returncode != 0 and "no patch file missing.patch" in run.stderr
+
+
+def test_prepared_variants_still_apply_to_the_tree():
+    root = SCRIPT.parent.parent
+    patches = sorted((root / "bench" / "variants").glob("*.patch"))
+    if not patches or not (root / ".git").exists():
+        pytest.skip("no prepared variants, or not a git checkout")
+    for patch in patches:
+        run = subprocess.run(
+            ["git", "apply", "--check", str(patch)], cwd=root, capture_output=True, text=True
+        )
+        assert run.returncode == 0, f"{patch.name} no longer applies (refresh or delete it): {run.stderr}"
