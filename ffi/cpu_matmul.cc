@@ -175,16 +175,7 @@ ffi::Error MatmulTImpl(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::Buffer<ffi::
 
 // The bindings, shared by the plain and the tiled handler of each product.
 auto matmul_binding() {
-  return ffi::Ffi::Bind()
-      .Ctx<ffi::ThreadPool>()
-      .Arg<ffi::AnyBuffer>()
-      .Arg<ffi::Buffer<ffi::U32>>()
-      .Arg<ffi::AnyBuffer>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Ret<ffi::AnyBuffer>()
-      .Attr<int32_t>("k")
-      .Attr<int32_t>("scale_format");
+  return matmul_operands_binding<ffi::ThreadPool>().Attr<int32_t>("k").Attr<int32_t>("scale_format");
 }
 
 auto matmul_t_binding() { return matmul_binding().Attr<int64_t>("d"); }

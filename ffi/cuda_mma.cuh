@@ -167,14 +167,7 @@ void launch_sum_splits(cudaStream_t stream, const float* partial, int64_t splits
 // The FFI binding of the fused products (x, packed, scales, codebook, tensor scale -> y, workspace), shared
 // by their plain and tiled handlers; the transposed product adds the attribute d (cuda_matmul_t.cu).
 inline auto matmul_binding() {
-  return ffi::Ffi::Bind()
-      .Ctx<ffi::PlatformStream<cudaStream_t>>()
-      .Arg<ffi::AnyBuffer>()
-      .Arg<ffi::Buffer<ffi::U32>>()
-      .Arg<ffi::AnyBuffer>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Arg<ffi::Buffer<ffi::F32>>()
-      .Ret<ffi::AnyBuffer>()
+  return matmul_operands_binding<ffi::PlatformStream<cudaStream_t>>()
       .Ret<ffi::Buffer<ffi::F32>>()  // workspace
       .Attr<int32_t>("k")
       .Attr<int32_t>("scale_format");

@@ -114,6 +114,21 @@ auto dequantize_binding() {
       .template Attr<int32_t>("scale_format");
 }
 
+// The operands of the fused products (x, packed, scales, codebook, tensor scale -> y), the same for the CPU
+// and CUDA handlers, plain and tiled; each platform adds what only it has (CUDA: a workspace result) and
+// the attributes (k, scale_format; the transposed product also d).
+template <typename Ctx>
+auto matmul_operands_binding() {
+  return ffi::Ffi::Bind()
+      .template Ctx<Ctx>()
+      .template Arg<ffi::AnyBuffer>()
+      .template Arg<ffi::Buffer<ffi::U32>>()
+      .template Arg<ffi::AnyBuffer>()
+      .template Arg<ffi::Buffer<ffi::F32>>()
+      .template Arg<ffi::Buffer<ffi::F32>>()
+      .template Ret<ffi::AnyBuffer>();
+}
+
 // A dequantize of tile-ordered words and scales (a stack of tiled matrices, kbit_format.h block_index) needs
 // whole tiles in every codebook group: rows per group a multiple of 16, blocks per row a multiple of 4.
 inline ffi::Error check_tiled_rows(const Layout& L, bool tiled, ffi::Span<const int64_t> packed) {
