@@ -39,48 +39,44 @@ def find_cuobjdump() -> str:
     raise SystemExit("cuobjdump not found: put it on PATH or `pip install nvidia-cuda-cuobjdump`")
 
 
-def kernels(path: str) -> dict[str, list[str]]:
-    """Mangled kernel name -> its instructions (opcode with operands, predicate guard dropped)."""
-    text = subprocess.run(
+def sass_text(path: str) -> str:
+    """cuobjdump -sass of a cubin or module."""
+    return subprocess.run(
         [find_cuobjdump(), "-sass", path], check=True, capture_output=True, text=True
     ).stdout
-    return parse_sass(text)
+
+
+def kernels(path: str) -> dict[str, list[str]]:
+    """Mangled kernel name -> its instructions (opcode with operands, predicate guard dropped)."""
+    return parse_sass(sass_text(path))
 
 
 def parse_sass(text: str) -> dict[str, list[str]]:
     """cuobjdump -sass output -> {kernel: instructions}."""
-    out: dict[str, list[str]] = {}
+    return {name: [instr for _, instr, _, _ in body] for name, body in parse_control(text).items()}
+
+
+def parse_control(text: str) -> dict[str, list[tuple[int, str, int, int]]]:
+    """cuobjdump -sass output -> {kernel: [(address, instruction, wait mask, write barrier or 7 for none)]},
+    the predicate guard dropped; an instruction whose control word (the line after it) is missing gets no
+    wait and no barrier."""
+    out: dict[str, list[tuple[int, str, int, int]]] = {}
     current = None
     for line in text.splitlines():
         m = re.search(r"Function : (\S+)", line)
         if m:
             current = out.setdefault(m.group(1), [])
             continue
-        m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?)\s*;?\s*(/\*.*)?$", line)
-        if current is not None and m:
-            current.append(re.sub(r"^@!?U?P\w+\s+", "", m.group(1)))
-    return out
-
-
-def parse_control(text: str) -> dict[str, list[tuple[int, str, int, int]]]:
-    """cuobjdump -sass output -> {kernel: [(address, instruction, wait mask, write barrier or 7 for none)]}."""
-    out: dict[str, list[tuple[int, str, int, int]]] = {}
-    current = None
-    pending = None  # an instruction whose control word (the next line) is still to come
-    for line in text.splitlines():
-        m = re.search(r"Function : (\S+)", line)
-        if m:
-            current, pending = out.setdefault(m.group(1), []), None
+        if current is None:
             continue
-        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;?\s*/\* 0x[0-9a-f]+ \*/", line)
-        if current is not None and m:
-            pending = (int(m.group(1), 16), re.sub(r"^@!?U?P\w+\s+", "", m.group(2)))
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;?\s*(/\*.*)?$", line)
+        if m:
+            current.append((int(m.group(1), 16), re.sub(r"^@!?U?P\w+\s+", "", m.group(2)), 0, 7))
             continue
         m = re.match(r"\s*/\* (0x[0-9a-f]+) \*/\s*$", line)
-        if current is not None and pending is not None and m:
+        if m and current:
             control = int(m.group(1), 16) >> 41
-            current.append((*pending, (control >> 11) & 0x3F, (control >> 5) & 7))
-            pending = None
+            current[-1] = (*current[-1][:2], (control >> 11) & 0x3F, (control >> 5) & 7)
     return out
 
 
@@ -137,10 +133,7 @@ def main() -> None:
     ap.add_argument("--stream-order", action="store_true", help="streaming loads, their waits, mmas")
     args = ap.parse_args()
     if args.stream_order:
-        text = subprocess.run(
-            [find_cuobjdump(), "-sass", args.file], check=True, capture_output=True, text=True
-        ).stdout
-        for name, body in parse_control(text).items():
+        for name, body in parse_control(sass_text(args.file)).items():
             if not re.search(args.kernel, name):
                 continue
             for loop in stream_loops(body):
