@@ -6,6 +6,7 @@
 # AB_DECODE=1 then runs bench/bench_decode.py --quick once per variant.
 # A variant directory with a .build_as file (bench/make_variants.sh NAME=@OTHER:VAR=VALUE) is not built: it
 # runs that variant's install, with the VAR=VALUE lines of its .env file in the environment.
+# KBIT_COMMIT: the tree's commit; with make_variants.sh's record (.variants/.head) of another, nothing runs.
 # AB_REUSE=1 keeps the installs of an earlier call on the same (still warm) machine and builds only the missing.
 #   VARIANTS=.variants ROUNDS=2 AB_SUITE=gemv AB_ROWS=1 AB_DECODE=1 bash bench/ab_variants.sh [names...]
 set -uo pipefail
@@ -18,6 +19,16 @@ variants_dir=$repo/${VARIANTS:-.variants}
 names="$*"
 [ -n "$names" ] || names=$(ls "$variants_dir" 2>/dev/null)
 [ -n "$names" ] || { echo "no variants: name them, or fill $variants_dir (bench/make_variants.sh)" >&2; exit 2; }
+# make_variants.sh records the commit its overlays are relative to; a tree of another commit would make them
+# (and a variant with no files, such as base=main) mean something else.
+if [ -f "$variants_dir/.head" ] && [ -n "${KBIT_COMMIT:-}" ] && [ -z "${AB_STALE_OK:-}" ]; then
+  made=$(cat "$variants_dir/.head")
+  if [ "${made:0:${#KBIT_COMMIT}}" != "$KBIT_COMMIT" ]; then
+    echo "the variants were made against ${made:0:12}, the tree is $KBIT_COMMIT: run make_variants.sh again" \
+      "(or AB_STALE_OK=1)" >&2
+    exit 2
+  fi
+fi
 work=${AB_WORK:-/tmp/ab}  # builds and installs (AB_WORK: elsewhere)
 [ -n "${AB_REUSE:-}" ] || rm -rf "$work"
 logs=$work/logs  # tarred into $OUT at the end: a GPU call brings back only a few files

@@ -8,12 +8,19 @@
 #   bash bench/make_variants.sh base=main sweep=next-gemv-split-sweep s1=@sweep:KBIT_GEMV_SPLITS=1
 # NAME=FILE.patch (or .diff) makes a variant from a patch against HEAD (bench/variants/ keeps prepared ones:
 # a branch does not outlive the session that made it, a file on main does).
-#   bash bench/make_variants.sh base=main xmma=bench/variants/gemv_xmma.patch
+#   bash bench/make_variants.sh base=main dep=bench/variants/gemv_load_dependency.patch
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)
 cd "$root"
 dir=${VARIANTS:-.variants}
 grep -qx "/$dir/" .git/info/exclude 2>/dev/null || echo "/$dir/" >>.git/info/exclude
+# Every variant is an overlay on the tree the GPU call carries, which must be this HEAD: a variant with no
+# files (base=main while main is checked out) is whatever that tree holds. ab_variants.sh compares this
+# record with KBIT_COMMIT and stops on a mismatch.
+mkdir -p "$dir"
+git rev-parse HEAD >"$dir/.head"
+git diff --quiet HEAD -- . ':!bench/results' ':!bench/variants' ||
+  echo "warning: the tree has uncommitted changes; every variant (and base) carries them" >&2
 for spec in "$@"; do
   name=${spec%%=*}
   ref=${spec#*=}

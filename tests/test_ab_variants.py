@@ -25,12 +25,28 @@ exit 0
 """
 
 
-@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("tar") is None, reason="needs bash and tar")
-def test_builds_each_build_once_and_runs_env_variants(tmp_path):
+def _fake_tools(tmp_path: Path) -> Path:
+    """A directory of stand-ins for python3 and nvidia-smi, to put first on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool, text in (("python3", FAKE_PYTHON), ("nvidia-smi", "#!/bin/sh\necho fake GPU\n")):
+        (bin_dir / tool).write_text(text)
+        (bin_dir / tool).chmod(0o755)
+    return bin_dir
+
+
+def _repo(tmp_path: Path) -> Path:
+    """A tree holding the script and an empty bench/ab_time.py (the fake python3 runs nothing)."""
     repo = tmp_path / "repo"
     (repo / "bench").mkdir(parents=True)
     shutil.copy(SCRIPT, repo / "bench" / "ab_variants.sh")
     (repo / "bench" / "ab_time.py").write_text("")
+    return repo
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("tar") is None, reason="needs bash and tar")
+def test_builds_each_build_once_and_runs_env_variants(tmp_path):
+    repo = _repo(tmp_path)
     variants = repo / ".variants"
     for name in ("base", "sweep"):
         (variants / name).mkdir(parents=True)
@@ -38,11 +54,7 @@ def test_builds_each_build_once_and_runs_env_variants(tmp_path):
     (variants / "s1").mkdir()
     (variants / "s1" / ".build_as").write_text("sweep\n")
     (variants / "s1" / ".env").write_text("KNOB=1\nnot an assignment\n")
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for tool, text in (("python3", FAKE_PYTHON), ("nvidia-smi", "#!/bin/sh\necho fake GPU\n")):
-        (bin_dir / tool).write_text(text)
-        (bin_dir / tool).chmod(0o755)
+    bin_dir = _fake_tools(tmp_path)
     log = tmp_path / "calls.log"
     work = tmp_path / "work"
     env = dict(
@@ -81,3 +93,39 @@ def test_no_variants_is_a_clear_error(tmp_path):
     out = subprocess.run(["bash", "bench/ab_variants.sh"], cwd=repo, env=env, capture_output=True, text=True)
     assert out.returncode == 2 and "no variants" in out.stderr
     assert not (tmp_path / "work").exists()  # stopped before any build
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("tar") is None, reason="needs bash and tar")
+def test_variants_made_against_another_commit_stop_the_run(tmp_path):
+    # A variant with no files is the carried tree itself: made against commit A, run on a tree of commit B, it
+    # is B, whatever its name says.
+    repo = _repo(tmp_path)
+    (repo / ".variants" / "base").mkdir(parents=True)
+    (repo / ".variants" / "base" / ".variant").write_text("main\n")
+    (repo / ".variants" / ".head").write_text("fb40e95" + "0" * 33 + "\n")
+    bin_dir = _fake_tools(tmp_path)
+    env = dict(
+        os.environ,
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        FAKE_LOG=str(tmp_path / "calls.log"),
+        OUT=str(tmp_path / "out"),
+        AB_WORK=str(tmp_path / "work"),
+        ROUNDS="1",
+    )
+    env.pop("AB_STALE_OK", None)
+
+    def run(**extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["bash", "bench/ab_variants.sh", "base"],
+            cwd=repo,
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    out = run(KBIT_COMMIT="ce85705")
+    assert out.returncode == 2 and "made against fb40e95" in out.stderr and "ce85705" in out.stderr
+    assert not (tmp_path / "work").exists()  # stopped before any build
+    assert run(KBIT_COMMIT="fb40e95").returncode == 0
+    assert run(KBIT_COMMIT="ce85705", AB_STALE_OK="1").returncode == 0

@@ -78,6 +78,8 @@ def test_variants_from_branches(tmp_path):
     assert not (feat / "ffi" / "b.cu").exists()  # the merge keeps main's b.cu, which HEAD already has
     assert "/.variants/" in (repo / ".git" / "info" / "exclude").read_text()
     assert _git(repo, "status", "--porcelain") == ""  # the variants are not part of the tree
+    # the commit the overlays are relative to, for ab_variants.sh to check against the carried tree
+    assert (repo / ".variants" / ".head").read_text().strip() == _git(repo, "rev-parse", "HEAD").strip()
 
 
 def test_a_branch_that_conflicts_with_main_is_refused(tmp_path):
