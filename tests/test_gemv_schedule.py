@@ -4,6 +4,7 @@ Every global load of a warp signals one scoreboard, and a wait on it lasts until
 (ffi/cuda_gemv.cu, gemv_item). The ring therefore works only if each half's loads are issued after the
 first use of the previous half's words: a compiler that moved that use below the loads would make every
 step wait for loads it had just issued (bench/RESULTS.md, seventeenth session: 8-10 % of the kernel's time).
+The kernel variants prepared for later GPU sessions (bench/variants/*.patch) are compiled here too.
 """
 
 from __future__ import annotations
@@ -30,8 +31,7 @@ def test_stream_order_gaps_count_loads_waited_for_before_any_mma(ss):
     assert ss.stream_order_gaps("WLLHH") == 0 and ss.stream_order_gaps("LLW") == 0  # no mma: not a loop
 
 
-@pytest.mark.parametrize("arch", ["90", "80"])  # CMakeLists.txt's default architectures
-def test_batch1_kernels_wait_only_for_loads_issued_half_a_ring_earlier(ss, tmp_path, arch):
+def _tools(ss):
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc is not on PATH")
@@ -39,15 +39,21 @@ def test_batch1_kernels_wait_only_for_loads_issued_half_a_ring_earlier(ss, tmp_p
         ss.find_cuobjdump()
     except SystemExit:
         pytest.skip("cuobjdump is not on PATH")
-    jax_ffi = pytest.importorskip("jax.ffi")
-    cubin = tmp_path / "gemv.cubin"
-    # The flags of CMakeLists.txt's CUDA build.
+    return nvcc, pytest.importorskip("jax.ffi")
+
+
+def _cubin(nvcc, jax_ffi, ffi_dir: Path, source: str, arch: str, out: Path) -> Path:
+    """ffi_dir/source compiled for sm_arch with the flags of CMakeLists.txt's CUDA build."""
     subprocess.run(
         [nvcc, "-std=c++17", "-O3", "--fmad=false", "-prec-div=true", "-ftz=false", f"-arch=sm_{arch}",
-         "-diag-suppress=940,2473", f"-I{ROOT / 'ffi'}", f"-I{jax_ffi.include_dir()}", "-cubin",
-         str(ROOT / "ffi" / "cuda_gemv.cu"), "-o", str(cubin)],
+         "-diag-suppress=940,2473", f"-I{ffi_dir}", f"-I{jax_ffi.include_dir()}", "-cubin",
+         str(ffi_dir / source), "-o", str(out)],
         check=True, capture_output=True,
     )  # fmt: skip
+    return out
+
+
+def _check_batch1_schedule(ss, cubin: Path) -> None:
     text = subprocess.run(
         [ss.find_cuobjdump(), "-sass", str(cubin)], check=True, capture_output=True, text=True
     ).stdout
@@ -60,3 +66,40 @@ def test_batch1_kernels_wait_only_for_loads_issued_half_a_ring_earlier(ss, tmp_p
         # one wait per half of the ring, each right before that half's loads of the other half
         assert loop.count("W") == 2 and loop.count("H") >= 2, (name, loop)
         assert ss.stream_order_gaps(loop) == 0, (name, loop)
+
+
+@pytest.mark.parametrize("arch", ["90", "80"])  # CMakeLists.txt's default architectures
+def test_batch1_kernels_wait_only_for_loads_issued_half_a_ring_earlier(ss, tmp_path, arch):
+    nvcc, jax_ffi = _tools(ss)
+    _check_batch1_schedule(
+        ss, _cubin(nvcc, jax_ffi, ROOT / "ffi", "cuda_gemv.cu", arch, tmp_path / "g.cubin")
+    )
+
+
+# The prepared variants that change CUDA sources (bench/variants/; the others change Python or scripts).
+PREPARED = sorted(
+    p
+    for p in (ROOT / "bench" / "variants").glob("*.patch")
+    if any(line.startswith("+++ b/ffi/") and line.endswith(".cu") for line in p.read_text().splitlines())
+)
+
+
+@pytest.mark.parametrize("patch", PREPARED, ids=[p.stem for p in PREPARED])
+def test_prepared_variants_compile(ss, tmp_path, patch):
+    """A kernel variant kept for a later GPU session (bench/variants/) still compiles on today's tree (sm_90),
+    and a batch-1 kernel variant keeps the register ring's schedule, so that device time is not spent on one
+    that cannot build or that carries the known slowdown."""
+    nvcc, jax_ffi = _tools(ss)
+    if shutil.which("git") is None:
+        pytest.skip("needs git apply")
+    touched = subprocess.run(
+        ["git", "apply", "--numstat", str(patch)], check=True, capture_output=True, text=True
+    ).stdout.split()[2::3]
+    sources = [Path(t).name for t in touched if t.startswith("ffi/") and t.endswith(".cu")]
+    assert sources, patch.name
+    shutil.copytree(ROOT / "ffi", tmp_path / "ffi")
+    subprocess.run(["git", "apply", str(patch)], cwd=tmp_path, check=True, capture_output=True)
+    for source in sources:
+        cubin = _cubin(nvcc, jax_ffi, tmp_path / "ffi", source, "90", tmp_path / f"{source}.cubin")
+        if source == "cuda_gemv.cu":
+            _check_batch1_schedule(ss, cubin)
