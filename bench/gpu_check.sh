@@ -10,7 +10,8 @@
 # (quantize/dequantize benchmark), sanitize (compute-sanitizer memcheck + racecheck), selfcheck, cpu (the CPU
 # suite on this machine's jax), ncu (profile of the quantize/dequantize kernels), ncu_matmul (full profile of
 # the M = 1 fused matmul kernel), ncu_src_quantize / ncu_src_matmul (every section and per-SASS-instruction
-# stall samples as CSV, of the quantize kernel / of the matmul at MATMUL_M rows, default 16), sass
+# stall samples as CSV, of the quantize kernel / of the matmul at MATMUL_M rows, default 16, of a MATMUL_SHAPE
+# weight, default 8192x8192), sass
 # (disassembly of the CUDA module), probe_codec (bench/probe_codec_ceiling.cu: what memory allows for
 # quantize- and dequantize-shaped traffic against copy), probe_access (bench/probe_gemv_access.cu: the batch-1
 # kernel's weight reads per layout and walk), probe_fixed (bench/probe_gemv_fixed.cu: a decode-sized
@@ -115,7 +116,7 @@ for s in $steps; do
       # ^: the quantize kernel, not the dequantize one (ncu matches the base name, which contains it).
       if [ $s = ncu_src_quantize ]; then what=${NCU_KERNEL:-'^quantize_(vec_)?kernel'}
         prog=("$repo/bench/profile_quantize.py" ${PROFILE_ARGS:-})
-      else what='matmul_kernel|gemv_kernel'; prog=("$repo/bench/profile_matmul.py" --m "${MATMUL_M:-16}"); fi
+      else what='matmul_kernel|gemv_kernel'; prog=("$repo/bench/profile_matmul.py" --m "${MATMUL_M:-16}" --shape "${MATMUL_SHAPE:-8192x8192}"); fi
       XLA_PYTHON_CLIENT_PREALLOCATE=false ncu --clock-control none --kernel-name regex:"$what" --launch-skip 1 --launch-count 1 --set full \
         --import-source no -f -o "$OUT/$s" python3 "${prog[@]}" >"$OUT/$s.log" 2>&1
       echo "$s: rc=$?"
