@@ -53,10 +53,11 @@ def _cubin(nvcc, jax_ffi, ffi_dir: Path, source: str, arch: str, out: Path) -> P
     return out
 
 
-def _check_batch1_schedule(ss, cubin: Path) -> None:
+def _check_batch1_schedule(ss, cubin: Path, count: int | None) -> None:
+    """Every batch-1 kernel of ``cubin`` (``count`` of them, where given) keeps the register ring's order."""
     control = ss.parse_control(ss.sass_text(str(cubin)))
     kernels = {name: body for name, body in control.items() if "gemv_kernel" in name}
-    assert len(kernels) == 48  # bf16 / f16 x K = 2, 3, 4 x one or two rows x e4m4 or not x in-CTA or not
+    assert kernels and (count is None or len(kernels) == count), sorted(kernels)
     for name, body in kernels.items():
         loops = ss.stream_loops(body)
         assert len(loops) == 1, (name, loops)
@@ -69,8 +70,9 @@ def _check_batch1_schedule(ss, cubin: Path) -> None:
 @pytest.mark.parametrize("arch", ["90", "80"])  # CMakeLists.txt's default architectures
 def test_batch1_kernels_wait_only_for_loads_issued_half_a_ring_earlier(ss, tmp_path, arch):
     nvcc, jax_ffi = _tools(ss)
+    # bf16 / f16 x K = 2, 3, 4 x one or two rows x e4m4 or not x in-CTA or not
     _check_batch1_schedule(
-        ss, _cubin(nvcc, jax_ffi, ROOT / "ffi", "cuda_gemv.cu", arch, tmp_path / "g.cubin")
+        ss, _cubin(nvcc, jax_ffi, ROOT / "ffi", "cuda_gemv.cu", arch, tmp_path / "g.cubin"), 48
     )
 
 
@@ -102,4 +104,4 @@ def test_prepared_variants_compile(ss, tmp_path, patch):
     for source in sources:
         cubin = _cubin(nvcc, jax_ffi, tmp_path / "ffi", source, "90", tmp_path / f"{source}.cubin")
         if source == "cuda_gemv.cu":
-            _check_batch1_schedule(ss, cubin)
+            _check_batch1_schedule(ss, cubin, None)  # a variant may add kernels
