@@ -8,7 +8,7 @@
 #   bash bench/make_variants.sh base=main sweep=next-gemv-split-sweep s1=@sweep:KBIT_GEMV_SPLITS=1
 # NAME=FILE.patch (or .diff) makes a variant from a patch against HEAD (bench/variants/ keeps prepared ones:
 # a branch does not outlive the session that made it, a file on main does).
-#   bash bench/make_variants.sh base=main dep=bench/variants/gemv_load_dependency.patch
+#   bash bench/make_variants.sh base=main x=bench/variants/NAME.patch
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)
 cd "$root"

@@ -179,7 +179,7 @@ int main() {
     };
     auto gemv = [&](int64_t ws) {
       return [&, ws](cudaStream_t st, int i) {
-        ffi::Error e = launch_gemv<true, 4, 1, true>(st, args(i, ws));
+        ffi::Error e = launch_gemv<true, 4, 1, true, false>(st, args(i, ws));
         if (e.failure()) {
           std::fprintf(stderr, "launch_gemv failed\n");
           std::exit(1);

@@ -115,6 +115,7 @@ KBIT_ALWAYS_INLINE void dequantize_blocks_impl(const Layout& L, const uint32_t* 
     const float s = decode_scale(L.format, read_scale(scales, src, L.format), tensor_scales[group]);
     uint32_t words[K];
     for (int j = 0; j < K; ++j) words[j] = packed[src * K + j];
+    stored_to_planes<K>(words, L.pairs);
     // Two passes over the block: the code rebuild and lookup vectorise on their own, and so does the cast.
     for (int i = 0; i < kBlock; ++i) {
       uint32_t code = 0;
@@ -224,7 +225,9 @@ ffi::Error QuantizeImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi:
   return ffi::Error::Success();
 }
 
-template <bool Tiled>
+// PairWords: tiled K = 4 words are pair indices (kbit_dequantize_tiled_v2; kbit_dequantize_tiled reads
+// planes).
+template <bool Tiled, bool PairWords>
 ffi::Error DequantizeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> packed, ffi::AnyBuffer scales,
                           ffi::Buffer<ffi::F32> codebook, ffi::Buffer<ffi::F32> tensor_scale,
                           ffi::Result<ffi::AnyBuffer> out, int32_t k, int32_t scale_format) {
@@ -234,6 +237,7 @@ ffi::Error DequantizeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> packed, ff
     return e;
   }
   if (ffi::Error e = check_tiled_rows(L, Tiled, packed.dimensions()); e.failure()) return e;
+  L.pairs = PairWords && stores_pairs(L.k, Tiled);
   const int64_t total = L.rows * L.nb;
   if (total == 0) return ffi::Error::Success();
   const uint32_t* p = packed.typed_data();
@@ -272,7 +276,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitQuantizeCpu, kbit::QuantizeImpl,
                                   .Attr<int32_t>("k")
                                   .Attr<int32_t>("scale_format"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitDequantizeCpu, kbit::DequantizeImpl<false>,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitDequantizeCpu, (kbit::DequantizeImpl<false, false>),
                               kbit::dequantize_binding<ffi::ThreadPool>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitDequantizeTiledCpu, kbit::DequantizeImpl<true>,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitDequantizeTiledCpu, (kbit::DequantizeImpl<true, false>),
+                              kbit::dequantize_binding<ffi::ThreadPool>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitDequantizeTiledV2Cpu, (kbit::DequantizeImpl<true, true>),
                               kbit::dequantize_binding<ffi::ThreadPool>());

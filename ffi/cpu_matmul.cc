@@ -36,7 +36,9 @@ void matmul_rows(const MatmulLayout& L, const float* xf, const uint32_t* packed,
     const int64_t row = block_index(n, 0, L.nb, L.tiled);
     for (int64_t b = 0; b < L.nb; ++b) {
       const int64_t i = row + block_offset(b, L.tiled);
-      const uint32_t* w = packed + i * K;
+      uint32_t w[K];
+      for (int j = 0; j < K; ++j) w[j] = packed[i * K + j];
+      stored_to_planes<K>(w, L.pairs);
       block_scales[b] = decode_scale(L.format, read_scale(scales, i, L.format), t);
       float* v = values.data() + b * kBlock;
       for (int i = 0; i < kBlock; ++i) {
@@ -71,7 +73,9 @@ void matmul_t_blocks(const MatmulLayout& L, int64_t d, const float* gf, const ui
     const int64_t column = block_offset(b, L.tiled);
     for (int64_t o = 0; o < L.n; ++o) {
       const int64_t bi = block_index(o, 0, L.nb, L.tiled) + column;
-      const uint32_t* w = packed + bi * K;
+      uint32_t w[K];
+      for (int j = 0; j < K; ++j) w[j] = packed[bi * K + j];
+      stored_to_planes<K>(w, L.pairs);
       const float s = decode_scale(L.format, read_scale(scales, bi, L.format), t);
       for (int i = 0; i < kBlock; ++i) {
         uint32_t code = 0;
@@ -117,9 +121,10 @@ void with_float_operand(const ffi::AnyBuffer& a, int64_t count, ffi::Result<ffi:
   }
 }
 
-// kTiled: the words and scales in tile order (kbit_format.h). It is a separate handler name rather than an
-// attribute, so that modules exported before tiled matrices existed still bind to the plain one.
-template <bool kTiled>
+// kTiled: the words and scales in tile order (kbit_format.h); kPairWords: K = 4 words as pair indices (the
+// _tiled_v2 names) rather than planes (the _tiled names). Separate handler names rather than attributes, so
+// that modules exported before tiled matrices, or before pair words, existed still bind and read as before.
+template <bool kTiled, bool kPairWords>
 ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::U32> packed,
                       ffi::AnyBuffer scales, ffi::Buffer<ffi::F32> codebook,
                       ffi::Buffer<ffi::F32> tensor_scale, ffi::Result<ffi::AnyBuffer> out, int32_t k,
@@ -130,6 +135,7 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::U
       e.failure()) {
     return e;
   }
+  L.pairs = kPairWords && stores_pairs(L.k, kTiled);
   if (L.m == 0 || L.n == 0) return ffi::Error::Success();
   const uint32_t* p = packed.typed_data();
   const void* sc = scales.untyped_data();
@@ -146,7 +152,7 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::U
   return ffi::Error::Success();
 }
 
-template <bool kTiled>
+template <bool kTiled, bool kPairWords>
 ffi::Error MatmulTImpl(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::Buffer<ffi::U32> packed,
                        ffi::AnyBuffer scales, ffi::Buffer<ffi::F32> codebook,
                        ffi::Buffer<ffi::F32> tensor_scale, ffi::Result<ffi::AnyBuffer> out, int32_t k,
@@ -157,6 +163,7 @@ ffi::Error MatmulTImpl(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::Buffer<ffi::
       e.failure()) {
     return e;
   }
+  L.pairs = kPairWords && stores_pairs(L.k, kTiled);
   if (L.m == 0 || L.nb == 0) return ffi::Error::Success();
   const uint32_t* p = packed.typed_data();
   const void* sc = scales.untyped_data();
@@ -183,7 +190,11 @@ auto matmul_t_binding() { return matmul_binding().Attr<int64_t>("d"); }
 }  // namespace
 }  // namespace kbit
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulCpu, kbit::MatmulImpl<false>, kbit::matmul_binding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulTiledCpu, kbit::MatmulImpl<true>, kbit::matmul_binding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulTCpu, kbit::MatmulTImpl<false>, kbit::matmul_t_binding());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulTTiledCpu, kbit::MatmulTImpl<true>, kbit::matmul_t_binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulCpu, (kbit::MatmulImpl<false, false>), kbit::matmul_binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulTiledCpu, (kbit::MatmulImpl<true, false>), kbit::matmul_binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulTiledV2Cpu, (kbit::MatmulImpl<true, true>), kbit::matmul_binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulTCpu, (kbit::MatmulTImpl<false, false>), kbit::matmul_t_binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulTTiledCpu, (kbit::MatmulTImpl<true, false>),
+                              kbit::matmul_t_binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulTTiledV2Cpu, (kbit::MatmulTImpl<true, true>),
+                              kbit::matmul_t_binding());

@@ -22,8 +22,8 @@ constexpr uintptr_t kVectorAlign = 16;
 // registers a thread; K = 5 asks one CTA fewer, or it spills), for enough loads in flight.
 constexpr int kVecMinBlocks = 6;
 
-// Any row length: one element per lane.
-template <typename Out, int K, bool Tiled>
+// Any row length: one element per lane. Pairs: tiled K = 4 words are pair indices (kbit_format.h).
+template <typename Out, int K, bool Tiled, bool Pairs>
 __global__ void __launch_bounds__(kThreads)
     dequantize_kernel(ScaleFormat fmt, const uint32_t* __restrict__ packed, const void* __restrict__ scales,
                       const float* __restrict__ codebooks, const float* __restrict__ tensor_scales,
@@ -42,8 +42,15 @@ __global__ void __launch_bounds__(kThreads)
       const float s = decode_scale(fmt, read_scale(fmt, scales, src), t);
       const uint32_t word = lane < K ? packed[src * K + lane] : 0u;
       uint32_t code = 0;
+      if constexpr (Pairs) {
+        // Bit j of this lane's code is bit 8q + 2j + r of pair word c (lane = 8q + 2c + r; kbit_format.h).
+        const uint32_t pw = __shfl_sync(kFull, word, (lane >> 1) & 3) >> ((lane & ~7) | (lane & 1));
 #pragma unroll
-      for (int j = 0; j < K; ++j) code |= ((__shfl_sync(kFull, word, j) >> lane) & 1u) << j;
+        for (int j = 0; j < K; ++j) code |= ((pw >> (2 * j)) & 1u) << j;
+      } else {
+#pragma unroll
+        for (int j = 0; j < K; ++j) code |= ((__shfl_sync(kFull, word, j) >> lane) & 1u) << j;
+      }
       const float value = __shfl_sync(kFull, entry, static_cast<int>(code)) * s;
       const int64_t col = (blk - row * nb) * kBlock + lane;
       if (col < d) out[row * d + col] = Out::store(value);
@@ -111,7 +118,7 @@ __device__ __forceinline__ uint32_t nibble_codes(const uint32_t (&w)[K], int pos
 // order, and its 32 blocks are half of one tile (8 rows x 4 blocks; a group is whole tiles, which the handler
 // checks): each store instruction then writes two rows' runs of 4 blocks (256 bytes each at 16-bit output)
 // instead of one run of 512. Reading in row order from tile order measured slower (bench/RESULTS.md).
-template <typename Out, int K, bool Tiled>
+template <typename Out, int K, bool Tiled, bool Pairs>
 __global__ void __launch_bounds__(kThreads, K == 5 ? kVecMinBlocks - 1 : kVecMinBlocks)
     dequantize_vec_kernel(ScaleFormat fmt, const uint32_t* __restrict__ packed,
                           const void* __restrict__ scales, const float* __restrict__ codebooks,
@@ -137,6 +144,7 @@ __global__ void __launch_bounds__(kThreads, K == 5 ? kVecMinBlocks - 1 : kVecMin
       const int64_t b = tile * kBlock + lane;
       if (tile < tiles && b < blocks_per_group) {
         load_words<K>(packed + (first + b) * K, w);
+        stored_to_planes<K>(w, Pairs);
         st = read_scale(fmt, scales, first + b);
       } else {
 #pragma unroll
@@ -208,7 +216,7 @@ __global__ void __launch_bounds__(kThreads, K == 5 ? kVecMinBlocks - 1 : kVecMin
   }
 }
 
-template <typename Out, int K, bool Tiled>
+template <typename Out, int K, bool Tiled, bool Pairs>
 void launch_dequantize(cudaStream_t stream, const Layout& L, const uint32_t* packed, const void* scales,
                        const float* cb, const float* ts, void* out) {
   using Storage = typename Out::Storage;
@@ -217,16 +225,18 @@ void launch_dequantize(cudaStream_t stream, const Layout& L, const uint32_t* pac
   if (L.d % kBlock == 0 && reinterpret_cast<uintptr_t>(out) % kVectorAlign == 0 &&
       reinterpret_cast<uintptr_t>(packed) % kWordsAlign<K> == 0) {
     const dim3 grid = full_grid_for((bpg + kBlock - 1) / kBlock, L.groups);
-    dequantize_vec_kernel<Out, K, Tiled>
+    dequantize_vec_kernel<Out, K, Tiled, Pairs>
         <<<grid, kThreads, 0, stream>>>(L.format, packed, scales, cb, ts, o, L.nb, bpg, L.groups);
   } else {
     const dim3 grid = grid_for(bpg, L.groups);
-    dequantize_kernel<Out, K, Tiled>
+    dequantize_kernel<Out, K, Tiled, Pairs>
         <<<grid, kThreads, 0, stream>>>(L.format, packed, scales, cb, ts, o, L.d, L.nb, bpg, L.groups);
   }
 }
 
-template <bool Tiled>
+// PairWords: tiled K = 4 words are pair indices (kbit_dequantize_tiled_v2; kbit_dequantize_tiled reads
+// planes).
+template <bool Tiled, bool PairWords>
 ffi::Error DequantizeImpl(cudaStream_t stream, ffi::Buffer<ffi::U32> packed, ffi::AnyBuffer scales,
                           ffi::Buffer<ffi::F32> codebook, ffi::Buffer<ffi::F32> tensor_scale,
                           ffi::Result<ffi::AnyBuffer> out, int32_t k, int32_t scale_format) {
@@ -244,10 +254,11 @@ ffi::Error DequantizeImpl(cudaStream_t stream, ffi::Buffer<ffi::U32> packed, ffi
   void* o = out->untyped_data();
   with_k(L.k, [&](auto kc) {
     constexpr int K = decltype(kc)::value;
+    constexpr bool P = PairWords && stores_pairs(K, Tiled);
     switch (out->element_type()) {
-      case ffi::DataType::F32: launch_dequantize<kbit::F32, K, Tiled>(stream, L, p, sc, cb, ts, o); break;
-      case ffi::DataType::F16: launch_dequantize<kbit::F16, K, Tiled>(stream, L, p, sc, cb, ts, o); break;
-      default: launch_dequantize<kbit::BF16, K, Tiled>(stream, L, p, sc, cb, ts, o); break;
+      case ffi::DataType::F32: launch_dequantize<kbit::F32, K, Tiled, P>(stream, L, p, sc, cb, ts, o); break;
+      case ffi::DataType::F16: launch_dequantize<kbit::F16, K, Tiled, P>(stream, L, p, sc, cb, ts, o); break;
+      default: launch_dequantize<kbit::BF16, K, Tiled, P>(stream, L, p, sc, cb, ts, o); break;
     }
   });
   return launch_error("dequantize");
@@ -257,9 +268,12 @@ ffi::Error DequantizeImpl(cudaStream_t stream, ffi::Buffer<ffi::U32> packed, ffi
 }  // namespace cuda
 }  // namespace kbit
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitDequantizeCuda, kbit::cuda::DequantizeImpl<false>,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitDequantizeCuda, (kbit::cuda::DequantizeImpl<false, false>),
                               kbit::dequantize_binding<ffi::PlatformStream<cudaStream_t>>(),
                               {ffi::Traits::kCmdBufferCompatible});
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitDequantizeTiledCuda, kbit::cuda::DequantizeImpl<true>,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitDequantizeTiledCuda, (kbit::cuda::DequantizeImpl<true, false>),
+                              kbit::dequantize_binding<ffi::PlatformStream<cudaStream_t>>(),
+                              {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitDequantizeTiledV2Cuda, (kbit::cuda::DequantizeImpl<true, true>),
                               kbit::dequantize_binding<ffi::PlatformStream<cudaStream_t>>(),
                               {ffi::Traits::kCmdBufferCompatible});

@@ -69,27 +69,29 @@ __device__ __forceinline__ uint32_t row_lookup(uint32_t p, uint32_t lane_address
 // p[c0] byte q indexes the pair of elements 8q + 2 c0, 8q + 2 c0 + 1 (bit 2j + r: bit j of element r's
 // code), for c0 = 0..3. Planes are merged two at a time into nibbles (nibble n of a: the pair 2n of planes 0
 // and 1, of b: the pair 2n + 1), then nibbles into bytes: 16 pair indices in 6 (K = 2), 12 (K = 3) or 16
-// (K = 4) shift / logic operations. At K = 2 bits 4..7 of a byte are another pair's: the table repeats its
-// 16 entries over all 256 rows so they do not matter.
-template <int K>
+// (K = 4: kbit_format.h transpose_pair_fields) shift / logic operations. At K = 2 bits 4..7 of a byte are
+// another pair's: the table repeats its 16 entries over all 256 rows so they do not matter. kPairs: the
+// words already are these indices (a tiled K = 4 matrix of the _tiled_v2 targets; kbit_format.h).
+template <int K, bool kPairs>
 __device__ __forceinline__ void pair_indices(const uint32_t (&w)[K], uint32_t (&p)[4]) {
-  const uint32_t a = (w[0] & 0x33333333u) | ((w[1] << 2) & 0xccccccccu);
-  const uint32_t b = ((w[0] >> 2) & 0x33333333u) | (w[1] & 0xccccccccu);
-  if constexpr (K == 2) {
-    p[0] = a, p[1] = b, p[2] = a >> 4, p[3] = b >> 4;
+  static_assert(!kPairs || K == 4, "only K = 4 blocks are stored as pair indices");
+  if constexpr (kPairs) {
+    p[0] = w[0], p[1] = w[1], p[2] = w[2], p[3] = w[3];
+  } else if constexpr (K == 4) {
+    transpose_pair_fields(w, p);
   } else {
-    uint32_t c, d;  // planes 2 (and 3) in the same nibble layout
-    if constexpr (K == 3) {
-      c = w[2] & 0x33333333u;
-      d = (w[2] >> 2) & 0x33333333u;
-    } else {
-      c = (w[2] & 0x33333333u) | ((w[3] << 2) & 0xccccccccu);
-      d = ((w[2] >> 2) & 0x33333333u) | (w[3] & 0xccccccccu);
+    const uint32_t a = (w[0] & 0x33333333u) | ((w[1] << 2) & 0xccccccccu);
+    const uint32_t b = ((w[0] >> 2) & 0x33333333u) | (w[1] & 0xccccccccu);
+    if constexpr (K == 2) {
+      p[0] = a, p[1] = b, p[2] = a >> 4, p[3] = b >> 4;
+    } else {  // K = 3: plane 2 in the same nibble layout
+      const uint32_t c = w[2] & 0x33333333u;
+      const uint32_t d = (w[2] >> 2) & 0x33333333u;
+      p[0] = (a & 0x0f0f0f0fu) | ((c << 4) & 0xf0f0f0f0u);
+      p[1] = (b & 0x0f0f0f0fu) | ((d << 4) & 0xf0f0f0f0u);
+      p[2] = ((a >> 4) & 0x0f0f0f0fu) | (c & 0xf0f0f0f0u);
+      p[3] = ((b >> 4) & 0x0f0f0f0fu) | (d & 0xf0f0f0f0u);
     }
-    p[0] = (a & 0x0f0f0f0fu) | ((c << 4) & 0xf0f0f0f0u);
-    p[1] = (b & 0x0f0f0f0fu) | ((d << 4) & 0xf0f0f0f0u);
-    p[2] = ((a >> 4) & 0x0f0f0f0fu) | (c & 0xf0f0f0f0u);
-    p[3] = ((b >> 4) & 0x0f0f0f0fu) | (d & 0xf0f0f0f0u);
   }
 }
 
@@ -134,14 +136,14 @@ __device__ __forceinline__ void compute_indexed(const uint32_t (&q0)[4], const u
   }
 }
 
-template <bool kBf16, int K, int M, bool kE4M4>
+template <bool kBf16, int K, int M, bool kE4M4, bool kPairs>
 __device__ __forceinline__ void compute_step(const uint32_t (&w0)[K], const uint32_t (&w1)[K], uint32_t s0s,
                                              uint32_t s1s, const uint32_t (&xw)[16], bool valid,
                                              ScaleFormat fmt, float t, uint32_t pair_offset,
                                              uint32_t scale_offset, float (&acc)[4]) {
   uint32_t q0[4], q1[4];
-  pair_indices<K>(w0, q0);
-  pair_indices<K>(w1, q1);
+  pair_indices<K, kPairs>(w0, q0);
+  pair_indices<K, kPairs>(w1, q1);
   compute_indexed<kBf16, K, M, kE4M4>(q0, q1, s0s, s1s, xw, valid, fmt, t, pair_offset, scale_offset, acc);
 }
 
@@ -202,7 +204,7 @@ constexpr int kBatch = 2;
 
 // One work item of one warp: output rows [16 tile, 16 tile + 16), blocks [begin, end) of split `split`.
 // xs: the shared address of the CTA's copy of x; slot: this warp's slot of sums (shared, generic pointer).
-template <bool kBf16, int K, int M, bool kE4M4>
+template <bool kBf16, int K, int M, bool kE4M4, bool kPairs>
 __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t tiles, int64_t splits,
                                           int64_t per_split, float* __restrict__ partial, int64_t item,
                                           int lane, uint32_t tables, uint32_t xs, float* slot, bool to_slot) {
@@ -222,6 +224,11 @@ __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t 
   const uint32_t pair_offset = tables + static_cast<uint32_t>(lane) * 4u;
   const uint32_t scale_offset = tables + 128u + static_cast<uint32_t>(lane) * 4u;
   const int64_t ldx = a.nb * kBlock;
+  // With pair words (kPairs) nothing is computed from the words before the lookups, and ptxas moves their
+  // first use below the next half's loads; a branch to those loads that depends on a loaded word (through
+  // `zero`: 0 at run time, per_split < 2^62, but not to the compilers) keeps it above them. Elsewhere `zero`
+  // is a constant 0 and the code is as before (bench/variants/gemv_load_dependency.patch: 0-4 % slower).
+  const uint32_t zero = kPairs ? static_cast<uint32_t>(per_split >> 62) : 0u;
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 
   const int64_t steps = (end - begin) / kStep;  // steps whose four blocks are all in the split
@@ -264,15 +271,15 @@ __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t 
   // The steps of one half (h: ring slots kBatch h ..), the first of which is step s.
   auto run_half = [&](int h, int64_t s) {
     uint32_t q0[4], q1[4];
-    pair_indices<K>(wr0[kBatch * h], q0);  // the first use: waits for this half's loads only
-    pair_indices<K>(wr1[kBatch * h], q1);
+    pair_indices<K, kPairs>(wr0[kBatch * h], q0);  // the first use: waits for this half's loads only
+    pair_indices<K, kPairs>(wr1[kBatch * h], q1);
     // An empty statement that takes the indices in and out, kept before the (volatile) loads: without it
     // the compiler moves the first use below them (or, with input-only operands, recomputes the indices
     // there at K = 2), and the wait then covers the next half's loads too (tests/test_gemv_schedule.py).
     asm volatile(""
                  : "+r"(q0[0]), "+r"(q0[1]), "+r"(q0[2]), "+r"(q0[3]), "+r"(q1[0]), "+r"(q1[1]), "+r"(q1[2]),
                    "+r"(q1[3]));
-    if (s + kBatch < steps) {  // a branch: the loads stay below the wait
+    if (s + kBatch + static_cast<int64_t>(q0[0] & zero) < steps) {  // a branch: the loads stay below the wait
 #pragma unroll
       for (int i = 0; i < kBatch; ++i) {
         if (s + kBatch + i < steps) issue(kBatch * (1 - h) + i);
@@ -295,8 +302,8 @@ __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t 
         compute_indexed<kBf16, K, M, kE4M4>(q0, q1, sc0[slot], sc1[slot], xw, true, a.fmt, t, pair_offset,
                                             scale_offset, acc);
       } else {
-        compute_step<kBf16, K, M, kE4M4>(wr0[slot], wr1[slot], sc0[slot], sc1[slot], xw, true, a.fmt, t,
-                                         pair_offset, scale_offset, acc);
+        compute_step<kBf16, K, M, kE4M4, kPairs>(wr0[slot], wr1[slot], sc0[slot], sc1[slot], xw, true, a.fmt,
+                                                 t, pair_offset, scale_offset, acc);
       }
     }
   };
@@ -319,9 +326,9 @@ __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t 
 #pragma unroll
       for (int v = 0; v < 16; ++v) xw[v] = 0u;
     }
-    compute_step<kBf16, K, M, kE4M4>(u0, u1, load_scale(kE4M4, a.fmt, a.scales, i0),
-                                     load_scale(kE4M4, a.fmt, a.scales, i1), xw, valid, a.fmt, t, pair_offset,
-                                     scale_offset, acc);
+    compute_step<kBf16, K, M, kE4M4, kPairs>(u0, u1, load_scale(kE4M4, a.fmt, a.scales, i0),
+                                             load_scale(kE4M4, a.fmt, a.scales, i1), xw, valid, a.fmt, t,
+                                             pair_offset, scale_offset, acc);
   }
   // The four lanes of a quad hold four different blocks of the same rows: add them (fixed order).
 #pragma unroll
@@ -379,7 +386,7 @@ __device__ __noinline__ void add_group(const MatmulArgs a, const float* slots, i
 // split w % splits of the group's tile w / splits and the CTA adds the splits (add_group), with no workspace
 // round trip and no second kernel. The two ways are two kernels (kInCta), so that each inlines gemv_item
 // once.
-template <bool kBf16, int K, int M, bool kE4M4, bool kInCta>
+template <bool kBf16, int K, int M, bool kE4M4, bool kPairs, bool kInCta>
 __global__ void __launch_bounds__(kGvThreads, 1)
     gemv_kernel(MatmulArgs a, int64_t tiles, int64_t splits, int64_t per_split, float* __restrict__ partial,
                 int tiles_per_cta, uint32_t smem_bytes) {
@@ -409,8 +416,8 @@ __global__ void __launch_bounds__(kGvThreads, 1)
   if constexpr (!kInCta) {
     for (int64_t item = static_cast<int64_t>(warp) * gridDim.x + blockIdx.x; item < tiles * splits;
          item += static_cast<int64_t>(gridDim.x) * kGvWarps) {
-      gemv_item<kBf16, K, M, kE4M4>(a, t, tiles, splits, per_split, partial, item, lane, tables, region, slot,
-                                    false);
+      gemv_item<kBf16, K, M, kE4M4, kPairs>(a, t, tiles, splits, per_split, partial, item, lane, tables,
+                                            region, slot, false);
     }
   } else {
     // The loop's exit depends on the block alone: every thread reaches the same barriers.
@@ -418,8 +425,9 @@ __global__ void __launch_bounds__(kGvThreads, 1)
     for (int64_t group = blockIdx.x; group < groups; group += gridDim.x) {
       const int64_t tile = group * tiles_per_cta + warp / splits;
       if (warp < tiles_per_cta * splits && tile < tiles) {
-        gemv_item<kBf16, K, M, kE4M4>(a, t, tiles, splits, per_split, partial, (warp % splits) * tiles + tile,
-                                      lane, tables, region, slot, true);
+        gemv_item<kBf16, K, M, kE4M4, kPairs>(a, t, tiles, splits, per_split, partial,
+                                              (warp % splits) * tiles + tile, lane, tables, region, slot,
+                                              true);
       }
       __syncthreads();  // every split's sums are in place
       const int64_t first = group * tiles_per_cta;
@@ -470,10 +478,10 @@ inline GemvPlan plan_gemv(int64_t n, int64_t nb, int64_t count, int64_t workspac
 // The most dynamic shared memory a CTA may ask for on this device (0 if the query fails).
 int smem_optin() { return device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(); }
 
-template <bool kBf16, int K, int M, bool kE4M4>
+template <bool kBf16, int K, int M, bool kE4M4, bool kPairs>
 ffi::Error launch_gemv(cudaStream_t stream, const MatmulArgs& a) {
-  auto* kernel = gemv_kernel<kBf16, K, M, kE4M4, false>;
-  auto* cta_kernel = gemv_kernel<kBf16, K, M, kE4M4, true>;
+  auto* kernel = gemv_kernel<kBf16, K, M, kE4M4, kPairs, false>;
+  auto* cta_kernel = gemv_kernel<kBf16, K, M, kE4M4, kPairs, true>;
   // Both kernels are opted in to the most the device allows once; each launch asks for what x's size needs.
   const int optin = smem_optin();
   const int64_t smem = gemv_smem_bytes(M, a.nb);
@@ -509,7 +517,15 @@ ffi::Error run_gemv(cudaStream_t stream, const MatmulArgs& a, bool bf16, int k) 
     constexpr bool B = decltype(bf)::value;
     constexpr int K = decltype(kc)::value;
     constexpr int M = decltype(mc)::value;
-    result = e4m4 ? launch_gemv<B, K, M, true>(stream, a) : launch_gemv<B, K, M, false>(stream, a);
+    if constexpr (K == 4) {
+      if (a.pairs) {
+        result =
+            e4m4 ? launch_gemv<B, K, M, true, true>(stream, a) : launch_gemv<B, K, M, false, true>(stream, a);
+        return;
+      }
+    }
+    result =
+        e4m4 ? launch_gemv<B, K, M, true, false>(stream, a) : launch_gemv<B, K, M, false, false>(stream, a);
   };
   auto by_k = [&](auto bf, auto mc) {
     switch (k) {

@@ -46,9 +46,10 @@ __device__ __forceinline__ void spread_codes(const uint32_t (&w)[K], int c, uint
 // Byte q (0..3) of the result indexes the pair of elements 8c + 2q and 8c + 2q + 1 (bit 2j + r: bit j of
 // element r's code), all taken from byte c of the planes. Byte j of the gathered word m holds byte c of
 // plane j, so field (j, q) of m (2 bits at 8j + 2q) must move to 8q + 2j: two delta swaps transpose the 4x4
-// matrix of 2-bit fields.
+// matrix of 2-bit fields. pairs: the words are a tiled K = 4 block's pair indices (kbit_format.h
+// stores_pairs), whose byte c already is that of the transposed planes, so m is the result.
 template <int K>
-__device__ __forceinline__ uint32_t byte_pair_index(const uint32_t (&w)[K], uint32_t sel) {
+__device__ __forceinline__ uint32_t byte_pair_index(const uint32_t (&w)[K], uint32_t sel, bool pairs) {
   static_assert(K >= 2 && K <= 4, "pair indices fit a byte for K <= 4");
   uint32_t m;
   if constexpr (K == 4) {
@@ -59,9 +60,11 @@ __device__ __forceinline__ uint32_t byte_pair_index(const uint32_t (&w)[K], uint
   } else {
     m = __byte_perm(w[0], w[1], sel) & 0xffffu;
   }
-  uint32_t t = (m ^ (m >> 12)) & 0x0000f0f0u;
+  // Masks of zero make the swaps no-ops: no branch, no second copy of the loop (which spilled at K = 4).
+  const uint32_t keep = pairs ? 0u : ~0u;
+  uint32_t t = (m ^ (m >> 12)) & (0x0000f0f0u & keep);
   m ^= t ^ (t << 12);
-  t = (m ^ (m >> 6)) & 0x00cc00ccu;
+  t = (m ^ (m >> 6)) & (0x00cc00ccu & keep);
   return m ^ t ^ (t << 6);
 }
 
@@ -128,13 +131,14 @@ __device__ __forceinline__ void build_scale_table(ScaleFormat fmt, float t, floa
 template <bool kBf16, int K, int MT>
 __device__ __forceinline__ void block_step(const uint32_t (&w0)[K], const uint32_t (&w1)[K], float s0,
                                            float s1, uint32_t entry, const uint32_t* table,
-                                           const uint32_t (&xw)[MT][2][2], int lane, float (&acc)[MT][4]) {
+                                           const uint32_t (&xw)[MT][2][2], int lane, bool pairs,
+                                           float (&acc)[MT][4]) {
   constexpr bool kTable = K <= 4;
   const int c = lane & 3;
   uint32_t e00 = 0, e01 = 0, e10 = 0, e11 = 0;
   if constexpr (kTable) {
-    e00 = byte_pair_index<K>(w0, byte_selector(c));
-    e10 = byte_pair_index<K>(w1, byte_selector(c));
+    e00 = byte_pair_index<K>(w0, byte_selector(c), pairs);
+    e10 = byte_pair_index<K>(w1, byte_selector(c), pairs);
   } else {
     spread_codes<K>(w0, c, e00, e01);
     spread_codes<K>(w1, c, e10, e11);
@@ -201,6 +205,7 @@ struct ItemPointers {
   bool v0, v1;
   bool scale_words;  // e4m4 bytes of a row's chunk of 4 blocks are one aligned 32-bit word
   bool tiled;        // blocks in tile order: a row's blocks 4j .. 4j + 3 are adjacent, 64 blocks apart
+  bool pairs;        // and K = 4 words as pair indices (kbit_format.h stores_pairs; the _tiled_v2 target)
 };
 
 // C blocks starting at block b: all loads first (weights, scales, x), then the products.
@@ -278,7 +283,7 @@ __device__ __forceinline__ void chunk_step(ScaleFormat fmt, const void* __restri
   }
 #pragma unroll
   for (int u = 0; u < C; ++u) {
-    block_step<kBf16, K, MT>(w0[u], w1[u], s0[u], s1[u], entry, table, xw[u], lane, acc);
+    block_step<kBf16, K, MT>(w0[u], w1[u], s0[u], s1[u], entry, table, xw[u], lane, P.pairs, acc);
   }
 }
 
@@ -292,7 +297,7 @@ __device__ __forceinline__ void matmul_item(ScaleFormat fmt, const uint32_t* __r
                                             int64_t nb, int64_t tiles, int64_t splits, int64_t per_split,
                                             float* __restrict__ partial, uint16_t* __restrict__ out,
                                             const uint32_t* table, const float* scale_table, int lane,
-                                            int64_t item, bool tiled) {
+                                            int64_t item, bool tiled, bool pairs) {
   constexpr bool kTable = K <= 4;
   const int64_t tile = item % tiles;
   const int64_t split = item / tiles;
@@ -306,6 +311,7 @@ __device__ __forceinline__ void matmul_item(ScaleFormat fmt, const uint32_t* __r
   const int64_t r0c = P.v0 ? r0 : n_out - 1;
   const int64_t r1c = P.v1 ? r1 : n_out - 1;
   P.tiled = tiled;
+  P.pairs = pairs;
   P.s0 = block_index(r0c, 0, nb, tiled);
   P.s1 = block_index(r1c, 0, nb, tiled);
   P.w0 = packed + P.s0 * K;
@@ -350,7 +356,7 @@ __global__ void __launch_bounds__(kMmThreads, min_ctas<K, MT>())
                   const float* __restrict__ codebook, const float* __restrict__ tensor_scale,
                   const uint16_t* __restrict__ x, int64_t m_rows, int64_t n_out, int64_t nb, int64_t tiles,
                   int64_t splits, int64_t per_split, float* __restrict__ partial, uint16_t* __restrict__ out,
-                  bool tiled) {
+                  bool tiled, bool pairs) {
   extern __shared__ uint4 smem[];
   const int lane = threadIdx.x & 31;
   const float t = tensor_scale[0];
@@ -362,7 +368,7 @@ __global__ void __launch_bounds__(kMmThreads, min_ctas<K, MT>())
   for (int64_t item = static_cast<int64_t>(blockIdx.x) * kMmWarps + (threadIdx.x >> 5); item < tiles * splits;
        item += static_cast<int64_t>(gridDim.x) * kMmWarps) {
     matmul_item<kBf16, K, MT>(fmt, packed, scales, codebook, t, x, m_rows, n_out, nb, tiles, splits,
-                              per_split, partial, out, table, scale_table, lane, item, tiled);
+                              per_split, partial, out, table, scale_table, lane, item, tiled, pairs);
   }
 }
 
@@ -385,14 +391,16 @@ ffi::Error run_matmul(cudaStream_t stream, const MatmulArgs& a) {
   const unsigned ctas =
       static_cast<unsigned>(std::min<int64_t>((items + kMmWarps - 1) / kMmWarps, sms * per_sm));
   kernel<<<ctas, kMmThreads, smem, stream>>>(a.fmt, a.packed, a.scales, a.codebook, a.tensor_scale, a.x, a.m,
-                                             a.n, a.nb, tiles, splits, per_split, partial, a.out, a.tiled);
+                                             a.n, a.nb, tiles, splits, per_split, partial, a.out, a.tiled,
+                                             a.pairs);
   launch_sum_splits<kBf16>(stream, partial, splits, count, a.out);
   return launch_error("matmul");
 }
 
-// kTiled: the words and scales in tile order (kbit_format.h); a separate handler name (as on the CPU), so
-// that modules exported before tiled matrices existed still bind to the plain one.
-template <bool kTiled>
+// kTiled: the words and scales in tile order (kbit_format.h); kPairWords: K = 4 words as pair indices (the
+// _tiled_v2 name) rather than planes (_tiled). Separate handler names (as on the CPU), so that modules
+// exported before tiled matrices, or before pair words, existed still bind and read as before.
+template <bool kTiled, bool kPairWords>
 ffi::Error MatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U32> packed,
                       ffi::AnyBuffer scales, ffi::Buffer<ffi::F32> codebook,
                       ffi::Buffer<ffi::F32> tensor_scale, ffi::Result<ffi::AnyBuffer> out,
@@ -436,7 +444,8 @@ ffi::Error MatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U3
                      o,
                      workspace->typed_data(),
                      static_cast<int64_t>(workspace->element_count()),
-                     L.tiled};
+                     L.tiled,
+                     kPairWords && stores_pairs(L.k, kTiled)};
   const bool bf16 = x.element_type() == ffi::DataType::BF16;
   if (gemv_supported(L.k, L.m, L.nb)) return run_gemv(stream, a, bf16, L.k);
   ffi::Error result = ffi::Error::Success();
@@ -453,7 +462,9 @@ ffi::Error MatmulImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U3
 }  // namespace cuda
 }  // namespace kbit
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulCuda, kbit::cuda::MatmulImpl<false>, kbit::cuda::matmul_binding(),
-                              {ffi::Traits::kCmdBufferCompatible});
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulTiledCuda, kbit::cuda::MatmulImpl<true>, kbit::cuda::matmul_binding(),
-                              {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulCuda, (kbit::cuda::MatmulImpl<false, false>),
+                              kbit::cuda::matmul_binding(), {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulTiledCuda, (kbit::cuda::MatmulImpl<true, false>),
+                              kbit::cuda::matmul_binding(), {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulTiledV2Cuda, (kbit::cuda::MatmulImpl<true, true>),
+                              kbit::cuda::matmul_binding(), {ffi::Traits::kCmdBufferCompatible});

@@ -43,7 +43,7 @@ __global__ void __launch_bounds__(kTThreads)
                     const float* __restrict__ codebook, const float* __restrict__ tensor_scale,
                     const uint16_t* __restrict__ gm, int64_t m_rows, int64_t n_out, int64_t nb, int64_t d,
                     int64_t splits, int64_t per_split, float* __restrict__ partial,
-                    uint16_t* __restrict__ out, bool tiled) {
+                    uint16_t* __restrict__ out, bool tiled, bool pairs) {
   __shared__ float table[32];
   if (threadIdx.x < (1 << K)) table[threadIdx.x] = codebook[threadIdx.x];
   __syncthreads();
@@ -78,6 +78,7 @@ __global__ void __launch_bounds__(kTThreads)
           if (row < end) {
             const int64_t i = block_index(row, b, nb, tiled);
             load_words<K>(packed + i * K, w[u][r]);
+            stored_to_planes<K>(w[u][r], pairs);
             st[u][r] = read_scale(fmt, scales, i);
           } else {
 #pragma unroll
@@ -164,6 +165,7 @@ struct TArgs {
   float* workspace;  // partial sums of a split reduction (cuda_mma.cuh)
   int64_t workspace_floats;
   bool tiled;  // words and scales in tile order (kbit_format.h)
+  bool pairs;  // and K = 4 words as pair indices (kbit_format.h stores_pairs; the _tiled_v2 target)
 };
 
 // Splits the reduction (the stored rows) so that the resident warps have about one item each, with at least
@@ -189,12 +191,13 @@ ffi::Error run_matmul_t(cudaStream_t stream, const TArgs& a) {
   const unsigned ctas =
       static_cast<unsigned>(std::min<int64_t>((items + kTWarps - 1) / kTWarps, sms * per_sm));
   kernel<<<ctas, kTThreads, 0, stream>>>(a.fmt, a.packed, a.scales, a.codebook, a.tensor_scale, a.g, a.m, a.n,
-                                         a.nb, a.d, splits, per_split, partial, a.out, a.tiled);
+                                         a.nb, a.d, splits, per_split, partial, a.out, a.tiled, a.pairs);
   launch_sum_splits<kBf16>(stream, partial, splits, count, a.out);
   return launch_error("transposed matmul");
 }
 
-template <bool kTiled>
+// kPairWords: tiled K = 4 words are pair indices (the _tiled_v2 name; _tiled reads planes).
+template <bool kTiled, bool kPairWords>
 ffi::Error MatmulTImpl(cudaStream_t stream, ffi::AnyBuffer g, ffi::Buffer<ffi::U32> packed,
                        ffi::AnyBuffer scales, ffi::Buffer<ffi::F32> codebook,
                        ffi::Buffer<ffi::F32> tensor_scale, ffi::Result<ffi::AnyBuffer> out,
@@ -235,7 +238,8 @@ ffi::Error MatmulTImpl(cudaStream_t stream, ffi::AnyBuffer g, ffi::Buffer<ffi::U
                 o,
                 workspace->typed_data(),
                 static_cast<int64_t>(workspace->element_count()),
-                L.tiled};
+                L.tiled,
+                kPairWords && stores_pairs(L.k, kTiled)};
   const bool bf16 = g.element_type() == ffi::DataType::BF16;
   ffi::Error result = ffi::Error::Success();
   with_k(L.k, [&](auto kc) {
@@ -253,7 +257,9 @@ auto matmul_t_binding() { return matmul_binding().Attr<int64_t>("d"); }
 }  // namespace cuda
 }  // namespace kbit
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulTCuda, kbit::cuda::MatmulTImpl<false>, kbit::cuda::matmul_t_binding(),
-                              {ffi::Traits::kCmdBufferCompatible});
-XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulTTiledCuda, kbit::cuda::MatmulTImpl<true>,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulTCuda, (kbit::cuda::MatmulTImpl<false, false>),
+                              kbit::cuda::matmul_t_binding(), {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulTTiledCuda, (kbit::cuda::MatmulTImpl<true, false>),
+                              kbit::cuda::matmul_t_binding(), {ffi::Traits::kCmdBufferCompatible});
+XLA_FFI_DEFINE_HANDLER_SYMBOL(KbitMatmulTTiledV2Cuda, (kbit::cuda::MatmulTImpl<true, true>),
                               kbit::cuda::matmul_t_binding(), {ffi::Traits::kCmdBufferCompatible});

@@ -95,6 +95,7 @@ struct MatmulArgs {
   float* workspace;  // partial sums of a split reduction: workspace_floats floats
   int64_t workspace_floats;
   bool tiled;  // words and scales in tile order (kbit_format.h, block_index)
+  bool pairs;  // and K = 4 words as pair indices (kbit_format.h stores_pairs; the _tiled_v2 target)
 };
 
 // How many parts the reduction is split into: each warp works through its items one chunk of `chunk` blocks

@@ -20,10 +20,13 @@ NB_MODULE(_kbit_cuda, m) {
     d["kbit_quantize"] = nb::capsule(reinterpret_cast<void*>(KbitQuantizeCuda));
     d["kbit_dequantize"] = nb::capsule(reinterpret_cast<void*>(KbitDequantizeCuda));
     d["kbit_dequantize_tiled"] = nb::capsule(reinterpret_cast<void*>(KbitDequantizeTiledCuda));
+    d["kbit_dequantize_tiled_v2"] = nb::capsule(reinterpret_cast<void*>(KbitDequantizeTiledV2Cuda));
     d["kbit_matmul"] = nb::capsule(reinterpret_cast<void*>(KbitMatmulCuda));
     d["kbit_matmul_t"] = nb::capsule(reinterpret_cast<void*>(KbitMatmulTCuda));
     d["kbit_matmul_tiled"] = nb::capsule(reinterpret_cast<void*>(KbitMatmulTiledCuda));
+    d["kbit_matmul_tiled_v2"] = nb::capsule(reinterpret_cast<void*>(KbitMatmulTiledV2Cuda));
     d["kbit_matmul_t_tiled"] = nb::capsule(reinterpret_cast<void*>(KbitMatmulTTiledCuda));
+    d["kbit_matmul_t_tiled_v2"] = nb::capsule(reinterpret_cast<void*>(KbitMatmulTTiledV2Cuda));
     return d;
   });
   m.def("architectures", []() { return std::string(KBIT_CUDA_ARCHITECTURES); });

@@ -47,6 +47,41 @@ KBIT_HD int64_t block_index(int64_t row, int64_t b, int64_t nb, bool tiled) {
          (row % kTileRows) * kTileBlocks + b % kTileBlocks;
 }
 
+// At K = 4 a tiled block's four words are not bit planes but pair indices (docs/FORMAT.md, "Tiled
+// matrices"; the handlers of the `_tiled_v2` targets; the `_tiled` ones, which modules exported earlier call,
+// read plane words): bit 8q + 2j + r of word c holds bit j of the code of element 8q + 2c + r. Byte q of word
+// c is then the 8-bit index of the pair of elements 8q + 2c, 8q + 2c + 1, which is what the kernels look
+// values up by, so the batch-1 kernel skips rebuilding them from the planes (32 shift / mask operations of
+// its step; 5-13 % of its time at the large shapes, bench/RESULTS.md, nineteenth session). Other K keep plane
+// words.
+KBIT_HD constexpr bool stores_pairs(int k, bool tiled) { return tiled && k == 4; }
+
+// Planes <-> pair indices of one K = 4 block: in every byte position, the 4 x 4 matrix of 2-bit fields
+// (word, field) is transposed, so the function is its own inverse.
+KBIT_HD void transpose_pair_fields(const uint32_t* w, uint32_t* p) {
+  const uint32_t a = (w[0] & 0x33333333u) | ((w[1] << 2) & 0xccccccccu);
+  const uint32_t b = ((w[0] >> 2) & 0x33333333u) | (w[1] & 0xccccccccu);
+  const uint32_t c = (w[2] & 0x33333333u) | ((w[3] << 2) & 0xccccccccu);
+  const uint32_t d = ((w[2] >> 2) & 0x33333333u) | (w[3] & 0xccccccccu);
+  p[0] = (a & 0x0f0f0f0fu) | ((c << 4) & 0xf0f0f0f0u);
+  p[1] = (b & 0x0f0f0f0fu) | ((d << 4) & 0xf0f0f0f0u);
+  p[2] = ((a >> 4) & 0x0f0f0f0fu) | (c & 0xf0f0f0f0u);
+  p[3] = ((b >> 4) & 0x0f0f0f0fu) | (d & 0xf0f0f0f0u);
+}
+
+// A block's K stored words as bit planes (in place): what every reader of format v1 words expects. pairs:
+// the words are pair indices (a layout's `pairs`, true only where stores_pairs holds for a _v2 target).
+template <int K>
+KBIT_HD void stored_to_planes(uint32_t* w, bool pairs) {
+  if constexpr (K == 4) {
+    if (pairs) {
+      uint32_t p[4];
+      transpose_pair_fields(w, p);
+      w[0] = p[0], w[1] = p[1], w[2] = p[2], w[3] = p[3];
+    }
+  }
+}
+
 // a / b for a, b >= 0, with a 32-bit division where both fit (a fraction of the 64-bit sequence on the GPU).
 KBIT_HD int64_t udiv(int64_t a, int64_t b) {
   const uint64_t ua = static_cast<uint64_t>(a), ub = static_cast<uint64_t>(b);

@@ -25,6 +25,7 @@ struct Layout {
   int64_t rows_per_group = 0;
   int k = 0;
   ScaleFormat format = ScaleFormat::kE4M4;
+  bool pairs = false;  // tiled K = 4 words are pair indices (a _tiled_v2 dequantize; kbit_format.h)
 };
 
 inline std::string dims_str(ffi::Span<const int64_t> dims) {
@@ -149,6 +150,7 @@ struct MatmulLayout {
   int k = 0;
   ScaleFormat format = ScaleFormat::kE4M4;
   bool tiled = false;  // the words and scales in tile order (kbit_format.h, block_index)
+  bool pairs = false;  // and K = 4 words as pair indices (the _tiled_v2 handlers; kbit_format.h stores_pairs)
 };
 
 template <typename X, typename Packed, typename Scales, typename Codebook, typename TensorScale, typename Out>

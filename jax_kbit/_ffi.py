@@ -16,11 +16,17 @@ TARGETS = (
     "kbit_quantize",
     "kbit_dequantize",
     "kbit_dequantize_tiled",
+    "kbit_dequantize_tiled_v2",
     "kbit_matmul",
     "kbit_matmul_t",
     "kbit_matmul_tiled",
+    "kbit_matmul_tiled_v2",
     "kbit_matmul_t_tiled",
+    "kbit_matmul_t_tiled_v2",
 )
+"""Every target registered. The ``_tiled`` ones read tile order with K = 4 words as bit planes (modules
+exported before the pair words existed call them); what jax_kbit lowers to today is the ``_tiled_v2`` ones,
+which read K = 4 words as pair indices (docs/FORMAT.md section 14)."""
 
 for _name, _capsule in _kbit_cpu.registrations().items():
     jax.ffi.register_ffi_target(_name, _capsule, platform="cpu")

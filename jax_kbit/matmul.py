@@ -212,8 +212,9 @@ def _workspace(rows: int, cols: int) -> jax.core.ShapedArray:
 def _lowering(platform: str, transposed: bool = False):
     name = "kbit_matmul_t" if transposed else "kbit_matmul"
     # Tile-ordered weights have handlers of their own (the same kernels), so that modules exported before
-    # they existed keep the plain handlers' signature.
-    kernels = {tiled: jax.ffi.ffi_lowering(name + ("_tiled" if tiled else "")) for tiled in (False, True)}
+    # they existed keep the plain handlers' signature; the _v2 ones read K = 4 pair words (docs/FORMAT.md
+    # section 14), while the _tiled ones keep reading planes for modules exported before those.
+    kernels = {tiled: jax.ffi.ffi_lowering(name + ("_tiled_v2" if tiled else "")) for tiled in (False, True)}
     dense = partial(_dequantized_dot_t if transposed else _dequantized_dot, gpu=platform == "cuda")
     fallback = mlir.lower_fun(dense, multiple_results=False)
 

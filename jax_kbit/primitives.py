@@ -7,7 +7,8 @@ instead of a loop.
 
 ``dequantize``'s ``tiled=True`` reads words and scales stored in the tile order of a ``QuantizedMatrix``
 (``packed [..., n, nb, k]`` with ``n % 16 == 0``, ``nb % 4 == 0``; docs/FORMAT.md section 14) and writes the
-result in row order, under the FFI target ``kbit_dequantize_tiled``.
+result in row order, under the FFI target ``kbit_dequantize_tiled_v2`` (K = 4 words as pair indices;
+``kbit_dequantize_tiled``, which reads them as planes, stays registered for modules exported before).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from jax.interpreters import batching, mlir
 from jax_kbit import _ffi, sharding
 from jax_kbit.quantized_matrix import TILE_BLOCKS, TILE_ROWS, tileable
 from jax_kbit.reference import BLOCK, SCALE_DTYPES
+
+TILED_DEQUANTIZE_TARGET = "kbit_dequantize_tiled_v2"
+"""The FFI target of a tiled dequantize (docs/FORMAT.md section 14)."""
 
 SCALE_FORMAT_IDS = {"e4m4": 0, "f16": 1, "f32": 2}
 
@@ -132,7 +136,7 @@ def _cuda_lowering(target: str, tiled_target: str | None = None):
 
 for _p, _targets in (
     (quantize_p, ("kbit_quantize",)),
-    (dequantize_p, ("kbit_dequantize", "kbit_dequantize_tiled")),
+    (dequantize_p, ("kbit_dequantize", TILED_DEQUANTIZE_TARGET)),
 ):
     mlir.register_lowering(_p, _lowering(*_targets), platform="cpu")
     mlir.register_lowering(_p, _cuda_lowering(*_targets), platform="cuda")

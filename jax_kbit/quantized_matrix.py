@@ -35,7 +35,8 @@ def can_tile(t: QuantizedArray) -> bool:
 
 def _permute(a: Any, blocks_axis_last: bool, to_tiles: bool) -> Any:
     """``a`` (``packed [..., n, nb, k]`` or ``scales [..., n, nb]``) with its blocks moved between row order
-    ``[n / 16, 16, nb / 4, 4]`` and tile order ``[n / 16, nb / 4, 16, 4]``; the shape stays the same.
+    ``[n / 16, 16, nb / 4, 4]`` and tile order ``[n / 16, nb / 4, 16, 4]``; the shape stays the same. At
+    ``k == 4`` the words of each block also change between bit planes and pair indices.
 
     Abstract leaves (``jax.ShapeDtypeStruct``, placeholders) are returned as they are: only the order of the
     elements changes, never a shape or dtype.
@@ -51,7 +52,40 @@ def _permute(a: Any, blocks_axis_last: bool, to_tiles: bool) -> Any:
     else:
         split = (*lead, n // TILE_ROWS, nb // TILE_BLOCKS, TILE_ROWS, TILE_BLOCKS, *tail)
     axis = len(lead) + 1  # the second of the four tile axes trades places with the third
-    return xp.swapaxes(a.reshape(split), axis, axis + 1).reshape(a.shape)
+    out = xp.swapaxes(a.reshape(split), axis, axis + 1).reshape(a.shape)
+    # K = 4 words also change between planes and pair indices (per block, so before or after the move).
+    return _transpose_pair_fields(out) if blocks_axis_last and tail == (PAIR_K,) else out
+
+
+PAIR_K = 4
+"""The K whose tiled words hold pair indices instead of bit planes (docs/FORMAT.md, "Tiled matrices")."""
+
+
+def _transpose_pair_fields(packed: Any) -> Any:
+    """Each K = 4 block's four words (``packed [..., 4]``, uint32) between bit planes and pair indices.
+
+    Bit ``8q + 2j + r`` of pair word ``c`` is bit ``j`` of the code of element ``8q + 2c + r``: in every byte
+    position the 4 x 4 matrix of 2-bit fields (word, field) is transposed, so this is its own inverse. The
+    same function as ``transpose_pair_fields`` in ``ffi/kbit_format.h``.
+    """
+    xp = np if isinstance(packed, np.ndarray) else jnp
+    u = packed.dtype.type if xp is np else jnp.uint32
+    w0, w1, w2, w3 = (packed[..., j] for j in range(4))
+    m33, mcc, m0f, mf0 = (u(v) for v in (0x33333333, 0xCCCCCCCC, 0x0F0F0F0F, 0xF0F0F0F0))
+    two, four = u(2), u(4)
+    a = (w0 & m33) | ((w1 << two) & mcc)
+    b = ((w0 >> two) & m33) | (w1 & mcc)
+    c = (w2 & m33) | ((w3 << two) & mcc)
+    d = ((w2 >> two) & m33) | (w3 & mcc)
+    return xp.stack(
+        [
+            (a & m0f) | ((c << four) & mf0),
+            (b & m0f) | ((d << four) & mf0),
+            ((a >> four) & m0f) | (c & mf0),
+            ((b >> four) & m0f) | (d & mf0),
+        ],
+        axis=-1,
+    )
 
 
 def _with_arrays(t: QuantizedArray, packed: Any, scales: Any) -> QuantizedArray:
@@ -67,7 +101,8 @@ def untile_arrays(packed: Any, scales: Any) -> tuple[Any, Any]:
 
 
 def to_tiles(t: QuantizedArray) -> QuantizedArray:
-    """``t`` with its blocks' words and scales in tile order (exact: a permutation of the stored bits)."""
+    """``t`` with its blocks' words and scales in tile order (exact: a permutation of the stored bits, within
+    each block too at K = 4)."""
     return _with_arrays(t, _permute(t.packed, True, True), _permute(t.scales, False, True))
 
 

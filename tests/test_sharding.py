@@ -614,7 +614,7 @@ def check_matmul(platform, mesh, x_spec, w_spec, lead, rows, din, dout, dtype=BF
             f"matmul {what}: kbit_dequantize runs on {got}, the shard is {w_shard}"
         )
     else:
-        target = "kbit_matmul_tiled" if q1.tiled else "kbit_matmul"
+        target = "kbit_matmul_tiled_v2" if q1.tiled else "kbit_matmul"
         assert_kernel_runs_on_shard(compiled, target, y, "matmul " + what)
 
 
@@ -689,7 +689,7 @@ def _(platform):
         compiled = f.lower(qs).compile()
         whole = dout % (16 * n) == 0
         rows = dout // n if whole else dout
-        assert kernel_shapes(compiled.as_text(), "kbit_dequantize_tiled") == [(rows, 256)], what
+        assert kernel_shapes(compiled.as_text(), "kbit_dequantize_tiled_v2") == [(rows, 256)], what
         if whole:
             assert_no_data_collectives(compiled, what, max_reduced=0)
             assert_sharded_like(y, NamedSharding(mesh, P(None, "b")), what)

@@ -65,6 +65,19 @@ def stored_position(row: int, block: int, nb: int) -> int:
     return ((band * (nb // 4) + column) * 16 + r) * 4 + b
 
 
+def pair_words(planes: np.ndarray) -> np.ndarray:
+    """A K = 4 block's stored words in a tiled matrix, from its four bit planes, read off the definition
+    (docs/FORMAT.md, "Tiled matrices"): bit 8q + 2j + r of word c is bit j of the code of element
+    8q + 2c + r, the bit 8q + 2c + r of plane j."""
+    out = [0, 0, 0, 0]
+    for c in range(4):
+        for q in range(4):
+            for j in range(4):
+                for r in range(2):
+                    out[c] |= ((int(planes[j]) >> (8 * q + 2 * c + r)) & 1) << (8 * q + 2 * j + r)
+    return np.array(out, np.uint32)
+
+
 # ---------------------------------------------------------------- storage
 
 
@@ -80,7 +93,9 @@ def test_stored_order_is_the_tile_order(rng, k):
     for row in range(n):
         for block in range(nb):
             i = stored_position(row, block, nb)
-            np.testing.assert_array_equal(words[i], pw[row, block])
+            # K = 4: the block's planes as pair indices; other K: the planes themselves.
+            expect = pair_words(pw[row, block]) if k == 4 else pw[row, block]
+            np.testing.assert_array_equal(words[i], expect)
             assert scales[i].view(np.uint16) == ps[row, block].view(np.uint16)
     # Same shapes, same metadata, and .t gives the plain array back exactly.
     for a, b in zip(jax.tree.leaves(tiled.t), jax.tree.leaves(plain.t)):
@@ -89,6 +104,83 @@ def test_stored_order_is_the_tile_order(rng, k):
     assert tiled.nbytes == plain.nbytes and tiled.k == k and "tiled=True" in repr(tiled)
     assert_same(tiled.dequantize(), plain.dequantize())
     assert_same(jk.dequantize(tiled), jk.dequantize(plain))
+
+
+def test_pair_words_are_their_own_inverse(rng):
+    """The K = 4 word transform of tile order (jax_kbit and ffi/kbit_format.h implement the same transpose)
+    against the bit-by-bit definition, on random words and the all-zero / all-one / single-bit ones, with
+    NumPy and with jax.numpy under jit; applying it twice gives the planes back."""
+    from jax_kbit.quantized_matrix import _transpose_pair_fields
+
+    words = rng.integers(0, 2**32, (200, 4), dtype=np.uint64).astype(np.uint32)
+    single = np.zeros((128, 4), np.uint32)
+    single[np.arange(128), np.arange(128) // 32] = np.uint32(1) << (np.arange(128) % 32).astype(np.uint32)
+    words = np.concatenate(
+        [words, single, np.zeros((1, 4), np.uint32), np.full((1, 4), 2**32 - 1, np.uint32)]
+    )
+    expect = np.stack([pair_words(w) for w in words])
+    got = _transpose_pair_fields(words)
+    np.testing.assert_array_equal(got, expect)
+    np.testing.assert_array_equal(np.asarray(jax.jit(_transpose_pair_fields)(jnp.asarray(words))), expect)
+    np.testing.assert_array_equal(_transpose_pair_fields(got), words)
+    # Every bit lands in a distinct place: a permutation of the 128 bits.
+    assert sorted(int(np.log2(v)) + 32 * c for w in expect[200:328] for c, v in enumerate(w) if v) == list(
+        range(128)
+    )
+
+
+def v1_calls(q, gpu: bool = False):
+    """Products and dequantize of the tiled ``QuantizedMatrix`` ``q`` through the ``_tiled`` (v1) targets,
+    which modules exported before the pair words call: they take tile order with K = 4 words as planes, so
+    the words go in as ``w.t``'s in tile order (the block permutation only)."""
+    from jax_kbit.matmul import SCALE_FORMAT_IDS, _workspace
+    from jax_kbit.quantized_matrix import _transpose_pair_fields
+
+    s = q.stored
+    packed = _transpose_pair_fields(s.packed) if q.k == 4 else s.packed  # pair words -> planes
+    attrs = dict(k=np.int32(q.k), scale_format=np.int32(SCALE_FORMAT_IDS[q.scale_format]))
+    n, nb = s.packed.shape[0], s.packed.shape[1]
+
+    def call(target, out, *args, **more):
+        if not gpu:
+            return jax.ffi.ffi_call(target, out)(*args, **attrs, **more)
+        ws = _workspace(out.shape[0], out.shape[1])  # the CUDA handlers' second result
+        shapes = (out, jax.ShapeDtypeStruct(ws.shape, ws.dtype))
+        return jax.ffi.ffi_call(target, shapes)(*args, **attrs, **more)[0]
+
+    def product(x):
+        out = jax.ShapeDtypeStruct((x.shape[0], n), x.dtype)
+        return call("kbit_matmul_tiled", out, x, packed, s.scales, s.codebook, s.tensor_scale)
+
+    def transposed(g):
+        out = jax.ShapeDtypeStruct((g.shape[0], nb * 32), g.dtype)
+        operands = (g, packed, s.scales, s.codebook, s.tensor_scale)
+        return call("kbit_matmul_t_tiled", out, *operands, d=np.int64(s.d))
+
+    def dequantize(dtype):
+        out = jax.ShapeDtypeStruct((n, s.d), dtype)  # in % 32 != 0: the per-element kernel on a GPU
+        deq = jax.ffi.ffi_call("kbit_dequantize_tiled", out)  # one result on either platform
+        return deq(packed, s.scales, s.codebook, s.tensor_scale, **attrs)
+
+    return product, transposed, dequantize
+
+
+@pytest.mark.parametrize("k", KS)
+def test_v1_targets_still_read_plane_words(rng, k):
+    """The ``_tiled`` targets keep their meaning for modules exported before the pair words (K = 4 words as
+    planes): through them, the same matrix's products and dequantize give the plain matrix's bits."""
+    from jax_kbit.quantized_matrix import _transpose_pair_fields
+
+    tiled, plain = pair(rng, 256, 48, k)
+    product, transposed, dequantize = v1_calls(tiled)
+    x = jnp.asarray(rng.standard_normal((3, 256)).astype(np.float32))
+    g = jnp.asarray(rng.standard_normal((3, 48)).astype(np.float32))
+    assert_same(jax.jit(product)(x), jax.jit(jk.matmul)(x, plain))
+    assert_same(jax.jit(transposed)(g), jax.jit(lambda g: jk.matmul(g, plain, transpose=True))(g))
+    assert_same(jax.jit(lambda: dequantize(jnp.float32))(), plain.t.dequantize())
+    if k == 4:  # the layouts do differ there: pair words read as planes would be other codes
+        planes = np.asarray(_transpose_pair_fields(tiled.stored.packed))
+        assert not np.array_equal(np.asarray(tiled.stored.packed), planes)
 
 
 def test_kernel_addressing_matches_the_stored_order(rng, tmp_path):
@@ -255,7 +347,7 @@ def test_tiled_targets_are_called(rng):
         f = jax.jit(jax.grad(lambda x: jnp.sum(jk.matmul(x, q) ** 2)))
         return set(re.findall(r"kbit_matmul\w*", f.lower(x).as_text()))
 
-    assert targets(tiled) == {"kbit_matmul_tiled", "kbit_matmul_t_tiled"}
+    assert targets(tiled) == {"kbit_matmul_tiled_v2", "kbit_matmul_t_tiled_v2"}
     assert targets(plain) == {"kbit_matmul", "kbit_matmul_t"}
 
 
@@ -444,6 +536,32 @@ def test_gpu_products_match_plain(rng, k, dtype):
             x = jax.device_put(jnp.asarray(rng.standard_normal((m, din)).astype(dtype)), GPU)
             f = jax.jit(jk.matmul)
             assert_same(f(x, tiled), f(x, plain), f"k={k} m={m} {din}x{dout}")
+
+
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_v1_targets_still_read_plane_words(rng, k, monkeypatch):
+    """The CUDA ``_tiled`` (v1) handlers read K = 4 words as planes, as modules exported before the pair
+    words expect: the batch-1 kernel (1, 2 rows), the 16-row kernel (9 rows), the transposed kernel and
+    dequantize (the vector kernel at in = 256, the per-element one at in = 100), against the plain matrix."""
+    monkeypatch.setattr(matmul_module, "cuda_fused_transposed", True)  # the plain peer's kernel too
+    for din in (256, 100):
+        tiled, plain = pair(rng, din, 48, k)
+        want_deq = np.asarray(plain.t.dequantize())  # CPU; dequantize is bit-exact across platforms
+        tiled, plain = jax.device_put(tiled, GPU), jax.device_put(plain, GPU)
+        product, transposed, dequantize = v1_calls(tiled, gpu=True)
+        forward = jax.jit(jk.matmul)
+        backward = jax.jit(lambda g, q: jk.matmul(g, q, transpose=True))
+        for m in (1, 2, 9):
+            what = f"k={k} m={m} in={din}"
+            x = jax.device_put(jnp.asarray(rng.standard_normal((m, din)).astype(BF16)), GPU)
+            xp = jnp.pad(x, ((0, 0), (0, tiled.stored.packed.shape[1] * 32 - din)))
+            assert_same(jax.jit(product)(xp), forward(x, plain), what)
+            g = jax.device_put(jnp.asarray(rng.standard_normal((m, 48)).astype(BF16)), GPU)
+            assert_same(jax.jit(transposed)(g)[:, :din], backward(g, plain), what + " transposed")
+        got = jax.jit(dequantize, static_argnums=0)(jnp.float32)
+        assert_same(got, want_deq, f"k={k} in={din} dequantize")
 
 
 @pytest.mark.parametrize("scale_format", SCALE_FORMATS)
