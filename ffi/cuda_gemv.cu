@@ -227,7 +227,7 @@ __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t 
   // With pair words (kPairs) nothing is computed from the words before the lookups, and ptxas moves their
   // first use below the next half's loads; a branch to those loads that depends on a loaded word (through
   // `zero`: 0 at run time, per_split < 2^62, but not to the compilers) keeps it above them. Elsewhere `zero`
-  // is a constant 0 and the code is as before (bench/variants/gemv_load_dependency.patch: 0-4 % slower).
+  // is a constant 0 and the code is as before (the same dependency there: 0-4 % slower, bench/RESULTS.md).
   const uint32_t zero = kPairs ? static_cast<uint32_t>(per_split >> 62) : 0u;
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 
