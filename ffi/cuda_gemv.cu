@@ -15,6 +15,8 @@
 // kernel is a race against memory latency, and the steps in flight per SM must cover it); x is copied into
 // shared memory once per CTA. Staging the weights through shared memory as well (cp.async) made the
 // shared-memory pipe the bottleneck: ncu put half of the stall samples on it at the large shapes.
+#include <type_traits>
+
 #include "cuda_gemv.h"
 #include "cuda_mma.cuh"
 
@@ -204,10 +206,13 @@ constexpr int kBatch = 2;
 
 // One work item of one warp: output rows [16 tile, 16 tile + 16), blocks [begin, end) of split `split`.
 // xs: the shared address of the CTA's copy of x; slot: this warp's slot of sums (shared, generic pointer).
-template <bool kBf16, int K, int M, bool kE4M4, bool kPairs>
+template <bool kBf16, int K, int M, bool kE4M4, bool kTiled>
 __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t tiles, int64_t splits,
                                           int64_t per_split, float* __restrict__ partial, int64_t item,
                                           int lane, uint32_t tables, uint32_t xs, float* slot, bool to_slot) {
+  // kTiled: the words and scales are in tile order (a.tiled), known here, so the walk is fixed (below); at
+  // K = 4 they are then pair words (the _tiled_v2 targets; the _tiled ones' plane words take kTiled = false).
+  constexpr bool kPairs = kTiled && K == 4;
   const int g = lane >> 2;
   const int c = lane & 3;
   const int64_t tile = item % tiles;
@@ -231,16 +236,27 @@ __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t 
   const uint32_t zero = kPairs ? static_cast<uint32_t>(per_split >> 62) : 0u;
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 
-  const int64_t steps = (end - begin) / kStep;  // steps whose four blocks are all in the split
+  // Steps whose four blocks are all in the split. In tile order an int: x's copy in shared memory bounds
+  // nb to a few thousand blocks here (gemv_supported), and 64-bit counters cost two instructions per compare
+  // or add. (Elsewhere int64_t: with int, ptxas moved 8 of those 48 kernels' first use below the loads.)
+  using Step = std::conditional_t<kTiled, int, int64_t>;
+  const Step steps = static_cast<Step>((end - begin) / kStep);
   const int64_t b0 = begin + c;
   // Block b0 of both rows, and the distance from a step's blocks to the next step's: 4 blocks along the row,
   // or in tile order (begin is a multiple of 8) the next 16 x 4 blocks, so that the warp's loads of a row
   // half-tile are 512 contiguous bytes (at K = 4) rather than 64 bytes from each of 8 rows.
-  int64_t si0 = block_index(r0c, b0, a.nb, a.tiled);
-  int64_t si1 = block_index(r1c, b0, a.nb, a.tiled);
+  int64_t si0 = block_index(r0c, b0, a.nb, kTiled || a.tiled);
+  int64_t si1 = block_index(r1c, b0, a.nb, kTiled || a.tiled);
   const int64_t step_blocks = a.tiled ? kTileRows * kTileBlocks : kStep;
   const uint32_t* w0 = a.packed + si0 * K;
   const uint32_t* w1 = a.packed + si1 * K;
+  // In tile order (kTiled; n % 16 == 0, so no row is clamped) row r1's block is 8 tile rows of 4 blocks
+  // after row r0's, and a step 16 x 4 blocks on, both fixed. Their loads then take one pointer each
+  // for words and scales with immediate offsets, and one add a half (the generic walk: 4 pointers, 2 adds
+  // each a step, and a select on a.tiled).
+  constexpr int64_t kRowOffset = 8 * kTileBlocks;
+  constexpr int64_t kTileStep = kTileRows * kTileBlocks;
+  const uint8_t* s8 = static_cast<const uint8_t*>(a.scales) + si0;  // (E4M4 scales are bytes)
   // This lane's x block in the shared copy: block (mrow, b0) is chunk 4 (mrow nb + b0); four blocks further
   // on (the next step) is always 18 chunks further, gaps included (x_chunk_offset).
   uint32_t my_x = xs + static_cast<uint32_t>(x_chunk_offset(4 * ((diag ? mrow : 0) * a.nb + b0)));
@@ -261,15 +277,41 @@ __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t 
     si0 += step_blocks;
     si1 += step_blocks;
   };
+  // Step j of the next kBatch into ring slot `slot` (kTiled: the pointers move by a whole half, advance()).
+  auto issue_fixed = [&](int slot, int j) {
+    const uint32_t* p = w0 + j * kTileStep * K;
+    load_words_stream<K>(p, wr0[slot]);
+    load_words_stream<K>(p + kRowOffset * K, wr1[slot]);
+    if constexpr (kE4M4) {
+      sc0[slot] = s8[j * kTileStep];
+      sc1[slot] = s8[j * kTileStep + kRowOffset];
+    } else {
+      sc0[slot] = read_scale(a.fmt, a.scales, si0 + j * kTileStep);
+      sc1[slot] = read_scale(a.fmt, a.scales, si0 + j * kTileStep + kRowOffset);
+    }
+  };
+  auto advance = [&] {
+    w0 += kBatch * kTileStep * K;
+    s8 += kBatch * kTileStep;
+    si0 += kBatch * kTileStep;
+  };
+  if constexpr (kTiled) {
 #pragma unroll
-  for (int i = 0; i < kBatch; ++i) {
-    if (i < steps) issue(i);
+    for (int i = 0; i < kBatch; ++i) {
+      if (i < steps) issue_fixed(i, i);
+    }
+    advance();
+  } else {
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i) {
+      if (i < steps) issue(i);
+    }
   }
   uint32_t xw[16];  // the x operand: x on this lane's block, or zeros off the diagonal (set once)
 #pragma unroll
   for (int v = 0; v < 16; ++v) xw[v] = 0u;
   // The steps of one half (h: ring slots kBatch h ..), the first of which is step s.
-  auto run_half = [&](int h, int64_t s) {
+  auto run_half = [&](int h, Step s) {
     uint32_t q0[4], q1[4];
     pair_indices<K, kPairs>(wr0[kBatch * h], q0);  // the first use: waits for this half's loads only
     pair_indices<K, kPairs>(wr1[kBatch * h], q1);
@@ -279,11 +321,18 @@ __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t 
     asm volatile(""
                  : "+r"(q0[0]), "+r"(q0[1]), "+r"(q0[2]), "+r"(q0[3]), "+r"(q1[0]), "+r"(q1[1]), "+r"(q1[2]),
                    "+r"(q1[3]));
-    if (s + kBatch + static_cast<int64_t>(q0[0] & zero) < steps) {  // a branch: the loads stay below the wait
+    if (s + kBatch + static_cast<Step>(q0[0] & zero) < steps) {  // a branch: the loads stay below the wait
 #pragma unroll
       for (int i = 0; i < kBatch; ++i) {
-        if (s + kBatch + i < steps) issue(kBatch * (1 - h) + i);
+        if (s + kBatch + i < steps) {
+          if constexpr (kTiled) {
+            issue_fixed(kBatch * (1 - h) + i, i);
+          } else {
+            issue(kBatch * (1 - h) + i);
+          }
+        }
       }
+      if constexpr (kTiled) advance();
     }
 #pragma unroll
     for (int i = 0; i < kBatch; ++i) {
@@ -307,15 +356,15 @@ __device__ __forceinline__ void gemv_item(const MatmulArgs& a, float t, int64_t 
       }
     }
   };
-  for (int64_t base = 0; base < steps; base += 2 * kBatch) {
+  for (Step base = 0; base < steps; base += 2 * kBatch) {
     run_half(0, base);
     if (base + kBatch < steps) run_half(1, base + kBatch);
   }
-  const int64_t rest = end - begin - steps * kStep;
+  const int64_t rest = end - begin - static_cast<int64_t>(steps) * kStep;
   if (rest > 0) {  // a last step with blocks past `end`: those lanes read a valid block, scale 0, x zeros
     // (never in tile order: nb is a multiple of 4 there, and so is every split's length)
     const bool valid = c < rest;
-    const int64_t b = valid ? begin + steps * kStep + c : end - 1;
+    const int64_t b = valid ? begin + static_cast<int64_t>(steps) * kStep + c : end - 1;
     uint32_t u0[K], u1[K], xw[16];  // (its own xw: x of a partial step is zeros past `end`)
     const int64_t i0 = block_index(r0c, b, a.nb, a.tiled), i1 = block_index(r1c, b, a.nb, a.tiled);
     load_words<K>(a.packed + i0 * K, u0);
@@ -386,7 +435,7 @@ __device__ __noinline__ void add_group(const MatmulArgs a, const float* slots, i
 // split w % splits of the group's tile w / splits and the CTA adds the splits (add_group), with no workspace
 // round trip and no second kernel. The two ways are two kernels (kInCta), so that each inlines gemv_item
 // once.
-template <bool kBf16, int K, int M, bool kE4M4, bool kPairs, bool kInCta>
+template <bool kBf16, int K, int M, bool kE4M4, bool kTiled, bool kInCta>
 __global__ void __launch_bounds__(kGvThreads, 1)
     gemv_kernel(MatmulArgs a, int64_t tiles, int64_t splits, int64_t per_split, float* __restrict__ partial,
                 int tiles_per_cta, uint32_t smem_bytes) {
@@ -416,7 +465,7 @@ __global__ void __launch_bounds__(kGvThreads, 1)
   if constexpr (!kInCta) {
     for (int64_t item = static_cast<int64_t>(warp) * gridDim.x + blockIdx.x; item < tiles * splits;
          item += static_cast<int64_t>(gridDim.x) * kGvWarps) {
-      gemv_item<kBf16, K, M, kE4M4, kPairs>(a, t, tiles, splits, per_split, partial, item, lane, tables,
+      gemv_item<kBf16, K, M, kE4M4, kTiled>(a, t, tiles, splits, per_split, partial, item, lane, tables,
                                             region, slot, false);
     }
   } else {
@@ -425,7 +474,7 @@ __global__ void __launch_bounds__(kGvThreads, 1)
     for (int64_t group = blockIdx.x; group < groups; group += gridDim.x) {
       const int64_t tile = group * tiles_per_cta + warp / splits;
       if (warp < tiles_per_cta * splits && tile < tiles) {
-        gemv_item<kBf16, K, M, kE4M4, kPairs>(a, t, tiles, splits, per_split, partial,
+        gemv_item<kBf16, K, M, kE4M4, kTiled>(a, t, tiles, splits, per_split, partial,
                                               (warp % splits) * tiles + tile, lane, tables, region, slot,
                                               true);
       }
@@ -478,10 +527,10 @@ inline GemvPlan plan_gemv(int64_t n, int64_t nb, int64_t count, int64_t workspac
 // The most dynamic shared memory a CTA may ask for on this device (0 if the query fails).
 int smem_optin() { return device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(); }
 
-template <bool kBf16, int K, int M, bool kE4M4, bool kPairs>
+template <bool kBf16, int K, int M, bool kE4M4, bool kTiled>
 ffi::Error launch_gemv(cudaStream_t stream, const MatmulArgs& a) {
-  auto* kernel = gemv_kernel<kBf16, K, M, kE4M4, kPairs, false>;
-  auto* cta_kernel = gemv_kernel<kBf16, K, M, kE4M4, kPairs, true>;
+  auto* kernel = gemv_kernel<kBf16, K, M, kE4M4, kTiled, false>;
+  auto* cta_kernel = gemv_kernel<kBf16, K, M, kE4M4, kTiled, true>;
   // Both kernels are opted in to the most the device allows once; each launch asks for what x's size needs.
   const int optin = smem_optin();
   const int64_t smem = gemv_smem_bytes(M, a.nb);
@@ -517,12 +566,12 @@ ffi::Error run_gemv(cudaStream_t stream, const MatmulArgs& a, bool bf16, int k) 
     constexpr bool B = decltype(bf)::value;
     constexpr int K = decltype(kc)::value;
     constexpr int M = decltype(mc)::value;
-    if constexpr (K == 4) {
-      if (a.pairs) {
-        result =
-            e4m4 ? launch_gemv<B, K, M, true, true>(stream, a) : launch_gemv<B, K, M, false, true>(stream, a);
-        return;
-      }
+    // Tile order takes the kernels with the fixed walk, except K = 4 plane words (the _tiled targets of
+    // modules exported before pair words), which the kTiled kernels would read as pair words.
+    if (a.tiled && (K != 4 || a.pairs)) {
+      result =
+          e4m4 ? launch_gemv<B, K, M, true, true>(stream, a) : launch_gemv<B, K, M, false, true>(stream, a);
+      return;
     }
     result =
         e4m4 ? launch_gemv<B, K, M, true, false>(stream, a) : launch_gemv<B, K, M, false, false>(stream, a);
