@@ -45,7 +45,7 @@ from bench_gpu import timeit  # noqa: E402
 from bench_matmul import _chain  # noqa: E402
 from profile_decode import kernel_events  # noqa: E402
 
-# (in, out, K): the shapes, then the decoder's layers (q/o, k/v, gate/up, down, LM head).
+# (in, out, K): the shapes (K = 2 and 3 at two of them), then the decoder's layers (q/o, k/v, gate/up, down, LM head).
 CASES = [
     (4096, 4096, 4),
     (8192, 8192, 2),
@@ -53,6 +53,8 @@ CASES = [
     (8192, 8192, 4),
     (8192, 28672, 4),
     (28672, 8192, 4),
+    (8192, 28672, 2),
+    (8192, 28672, 3),
     (2048, 2048, 4),
     (2048, 512, 4),
     (2048, 8192, 4),
