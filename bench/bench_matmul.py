@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -118,7 +119,6 @@ def _chain(product, **timeit_kw):
         return acc
 
     def timed(x, ws):
-        timed.last = (lambda: run(x, ws), len(ws))  # for device_times
         return timeit(run, x, ws, **timeit_kw) / len(ws)
 
     timed.run = run  # the jitted chain itself (bench/ab_time.py traces it)
@@ -172,6 +172,13 @@ def _torch_times(din, dout, rows, copies: int, bnb_too: bool):
     return out
 
 
+def _measure(product, x, ws) -> tuple[float, tuple[Callable[[], object], int]]:
+    """Wall seconds per product of ``product`` chained over ``ws``, and the chain as a call with its number of
+    products (for ``device_times``)."""
+    chain = _chain(product)
+    return chain(x, ws), (partial(chain.run, x, ws), len(ws))
+
+
 def _shape(text: str) -> tuple[int, int]:
     din, dout = text.lower().split("x")
     return int(din), int(dout)
@@ -208,9 +215,7 @@ def main() -> None:
         xla, xla_chain = {}, {}
         for m in rows:
             x = jax.random.normal(jax.random.fold_in(key, 1000 + m), (m, din), jnp.bfloat16)
-            timed = _chain(lambda x, w: jnp.dot(x, w))
-            xla[m] = timed(x, ws)
-            xla_chain[m] = timed.last
+            xla[m], xla_chain[m] = _measure(jnp.dot, x, ws)
         ks = (2, 3, 4, 5) if not args.quick or (din, dout) == (8192, 8192) else (4,)
         for k in ks:
             qs = [jk.quantize_matrix(w, k) for w in ws]
@@ -219,13 +224,9 @@ def main() -> None:
             for m in rows:
                 x = jax.random.normal(jax.random.fold_in(key, 1000 + m), (m, din), jnp.bfloat16)
                 chains = {"xla_bf16": xla_chain[m]}
-                timed = _chain(lambda x, q: jk.matmul(x, q))
-                t_k = timed(x, qs)
-                chains["kbit"] = timed.last
+                t_k, chains["kbit"] = _measure(jk.matmul, x, qs)
                 if qs[0].tiled:
-                    timed = _chain(lambda x, q: jk.matmul(x, q))
-                    t_rows = timed(x, rows_order)
-                    chains["kbit_rows"] = timed.last
+                    t_rows, chains["kbit_rows"] = _measure(jk.matmul, x, rows_order)
                 else:
                     t_rows = t_k
                 t_grad = None
@@ -234,9 +235,9 @@ def main() -> None:
                     g = jax.random.normal(jax.random.fold_in(key, 2000 + m), (m, dout), jnp.bfloat16)
                     t_grad = _chain(lambda g, q: jk.matmul(g, q, transpose=True))(g, qs)
                     _MM.cuda_fused_transposed = False
-                timed = _chain(lambda x, q: jnp.dot(x, q.dequantize(jnp.bfloat16)))
-                t_dd = timed(x, rows_order)
-                chains["dequant_dot"] = timed.last
+                t_dd, chains["dequant_dot"] = _measure(
+                    lambda x, q: jnp.dot(x, q.dequantize(jnp.bfloat16)), x, rows_order
+                )
                 dev_s = {} if args.no_device_times else device_times(chains)
                 t_torch = peers.get(("torch_bf16", m))
                 t_bnb = peers.get(("bnb_nf4", m))
